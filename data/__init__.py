@@ -1,0 +1,1 @@
+"""The synthetic, verifiable reasoning task of posttrain: see data/task.py."""

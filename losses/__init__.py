@@ -1,0 +1,35 @@
+"""posttrain losses: pure functions of tensors, one file per family, torch only.
+
+Each file stands on its own apart from at most one tiny helper from common.py (masked_mean or IGNORE_INDEX);
+copy a function out together with that helper. See DESIGN.md "Public API of losses/".
+"""
+
+from .advantages import gae, group_advantages, process_advantages, rloo_advantages
+from .common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
+from .distill import generalized_jsd_loss, kl_distill_loss
+from .dpo import dpo_loss, reward_model_loss, simpo_loss
+from .policy import entropy_from_logits, kl_penalty, policy_loss, value_loss
+from .prm import prm_loss
+from .sft import sft_loss
+
+__all__ = [
+    "IGNORE_INDEX",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "gather_logprobs",
+    "generalized_jsd_loss",
+    "group_advantages",
+    "kl_distill_loss",
+    "kl_penalty",
+    "masked_mean",
+    "policy_loss",
+    "prm_loss",
+    "process_advantages",
+    "reward_model_loss",
+    "rloo_advantages",
+    "sft_loss",
+    "simpo_loss",
+    "token_logprobs",
+    "value_loss",
+]

@@ -1,0 +1,47 @@
+"""Process reward model: binary cross-entropy on the score read at each step's end token.
+
+Shapes: B batch, S steps.
+"""
+
+import torch.nn.functional as F
+
+# One import from this package, on purpose: every loss here reduces with the same masked_mean, defined once in
+# common.py. Copying this file out on its own? Paste masked_mean from losses/common.py (a dozen lines, torch
+# only) in place of this import.
+from .common import masked_mean
+
+
+def prm_loss(step_logits, step_labels, step_mask):
+    """Binary cross-entropy of a process reward model's per-step logits, masked mean over steps.
+
+    Objective, for each valid step s with label y in [0, 1] and logit z:
+        l = -(y * log sigmoid(z) + (1 - y) * log sigmoid(-z))
+        L = masked mean of l over valid steps.
+
+    Papers: Lightman et al. 2023, "Let's Verify Step by Step", arXiv 2305.20050 (a PRM predicts the correctness
+    of every step); Math-Shepherd, Wang et al. 2023, arXiv 2312.08935 (the same per-step cross-entropy, with
+    hard or soft labels estimated from rollouts).
+
+    Args:
+        step_logits: (B, S) the PRM's logit at each step's END token, gathered by the caller from the score head's
+                     (B, T) output. NOTE: no causal shift here, the score at a step's last token judges that step
+                     (PITFALLS item 7: PRM scoring is the exception to the shift).
+        step_labels: (B, S) 1 for a correct step, 0 for a wrong one; soft labels in [0, 1] are fine.
+        step_mask:   (B, S) 1 for real steps, 0 for padding steps (their logits and labels are ignored).
+
+    Returns:
+        0-dim fp32 tensor.
+
+    Value at initialisation: ln 2 = 0.6931 with a zero-initialised score head (all logits 0), whatever the labels.
+
+    Differs from the paper:
+        1. Lightman et al. train the LM itself to emit a positive / negative / neutral token after each step; here a
+           scalar head with binary (or soft) labels, so a "neutral" label must be mapped to 0 or 1 by the caller.
+    """
+    valid = step_mask.bool()  # (B, S)
+    # Clean padded slots first: a junk label such as -100 there is harmless after masking, but inf is not.
+    logits = step_logits.float().masked_fill(~valid, 0.0)  # (B, S)
+    labels = step_labels.float().masked_fill(~valid, 0.0)  # (B, S)
+    # with_logits: computed from the logit directly (log-sum-exp form), never log(sigmoid(z)), which underflows.
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, S)
+    return masked_mean(bce, step_mask)

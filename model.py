@@ -1,0 +1,375 @@
+"""
+A compact decoder of the Llama family (Llama, Qwen2, SmolLM, Mistral without sliding window), written
+bottom-up in the manner of nanoGPT: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, block,
+config, model.
+
+Module names are the HF names (model.embed_tokens, model.layers.{i}.self_attn.q_proj, ..., lm_head), so our
+state_dict *is* an HF checkpoint: save_pretrained / from_pretrained only write and read safetensors files
+and translate config.json, no renaming table needed.
+
+Conventions: logits[:, t] scores token t+1. Padding is on the LEFT and described by attn_mask (B, T_total),
+1 for real tokens, 0 for padding; positions are counted over real tokens only, so a left-padded row gets
+exactly the logits it would get unpadded.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019): LayerNorm without the mean and the bias."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # F.rms_norm is one fused kernel; HF normalises in fp32 and casts back before the weight, which in
+        # fp32 is the same number and in bf16 differs by a rounding, so we match HF's order exactly.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin of RoPE (Su et al. 2021) for every position < max_len, each (max_len, head_dim), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
+    # HF layout ("rotate_half"): frequency i drives dimensions i and i + hs/2, not 2i and 2i+1 as in the
+    # paper. The two are equal up to a permutation of q/k weights; we take HF's so its checkpoints load as is.
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hs)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by the angles of its positions; cos, sin are (B, 1, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, nh, T, hs)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads: n_head query heads share n_kv_head key/value heads."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        # Qwen2 has biases on q, k, v (not on o); Llama has none
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, D = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # store this step's keys/values, attend over everything stored so far
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, T_total, hs)
+        # mask None means plain causal over T == T_total; enable_gqa lets each group of n_head / n_kv_head
+        # query heads read one k/v head without materialising repeated copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, I) inside, (B, T, D) out
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions and written in place.
+
+    pos counts the positions already stored; the model advances it after its last layer, so one forward of T
+    tokens moves it by T. Rows of a batch share pos: with left padding all rows are the same length.
+    """
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hs)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nkv, T, hs) at pos and return views of all stored positions (B, nkv, pos + T, hs)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 18
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2  # < n_head: grouped-query attention; == n_head: plain multi-head
+    n_embd: int = 128
+    intermediate_size: int = 352  # SwiGLU width, about 8/3 * n_embd as in Llama
+    max_seq_len: int = 128  # size of the RoPE tables; longer inputs are an error, not silently cropped
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    qkv_bias: bool = False  # True = Qwen2
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    score_head: bool = False  # scalar head for value / reward / process-reward models
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.config = config
+        # nn.ModuleDict named "model" so parameter names come out exactly as HF's "model.layers.0...."
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            norm=RMSNorm(config.n_embd, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # one Parameter under two names: a gradient from either use lands in the same tensor
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if config.score_head:
+            self.score = nn.Linear(config.n_embd, 1)
+        # RoPE tables for every position, computed once; non-persistent so they never enter a checkpoint
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, hs)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 init; the score head starts at exactly 0 so a fresh value / reward model predicts 0 everywhere
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.0 if module is getattr(self, "score", None) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        # parameters() yields a tied matrix once, so tied embeddings are counted once
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, attn_mask=None, cache=None, return_hidden=False):
+        """idx (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
+
+        attn_mask (B, T_past + T): 1 real, 0 left padding, covering the cached positions too. None = no padding.
+        cache: a KVCache holding T_past = cache.pos positions; this call appends T more.
+        """
+        B, T = idx.shape
+        T_past = 0 if cache is None else cache.pos
+        if T_past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T_past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if attn_mask is None and cache is not None:
+            attn_mask = torch.ones(B, T_past + T, dtype=torch.long, device=idx.device)
+        if attn_mask is None:
+            # the common training case: no padding, positions 0..T-1, causal mask built inside SDPA
+            pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+            mask = None
+        else:
+            pos, mask = self._positions_and_mask(attn_mask, T)
+        cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
+        sin = self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hs)
+
+        x = self.model.embed_tokens(idx)  # (B, T, D)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)  # (B, T, D)
+        return x if return_hidden else self.lm_head(x)  # (B, T, V)
+
+    @staticmethod
+    def _positions_and_mask(attn_mask, T):
+        """Positions (B, T) and SDPA's boolean mask (B, 1, T, T_total) for the last T of T_total tokens."""
+        T_total = attn_mask.size(1)
+        real = attn_mask.bool()  # (B, T_total)
+        # a token's position is the number of real tokens before it, so left padding does not shift it;
+        # pads get -1, clamped to 0 (their rows are garbage that no one reads)
+        pos = (attn_mask.cumsum(-1) - 1).clamp(min=0)[:, T_total - T:]  # (B, T)
+        if T == 1:
+            # one new token (a decode step): it is last, so causality allows every key; only pads are hidden
+            return pos, real[:, None, None, :]  # (B, 1, 1, T_total)
+        q_idx = torch.arange(T_total - T, T_total, device=attn_mask.device)[:, None]  # (T, 1)
+        k_idx = torch.arange(T_total, device=attn_mask.device)[None, :]  # (1, T_total)
+        # causal AND key is real; plus the diagonal, so a pad query still sees one key: a row with every
+        # key masked would make SDPA's softmax 0/0 = NaN, and NaN leaks into gradients even where masked
+        mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)  # (B, T, T_total)
+        return pos, mask.unsqueeze(1)  # (B, 1, T, T_total)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, eos_id=None, generator=None):
+        """Naive sampling, the reference the cached sampler (rollout.py) is tested against: a full forward
+        over the whole sequence for every new token, no padding. temperature 0 = greedy. Stops when every
+        row has produced eos_id (rows that finished early keep sampling). Returns idx (B, T + new)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx)[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                idx_next = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                probs = F.softmax(logits / temperature, dim=-1)  # (B, V)
+                idx_next = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T + 1)
+            if eos_id is not None and bool((idx == eos_id).any(-1).all()):
+                break
+        return idx
+
+    # -------------------------------------------------------------------------
+    # checkpoints in the HF folder layout
+
+    def save_pretrained(self, folder, tokenizer_path=None):
+        """Write config.json (HF keys) and model.safetensors (HF names) [+ tokenizer.json] into folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        # q/k/v biases without an o bias is Qwen2; HF Llama's attention_bias would put one on o_proj too
+        qwen = c.qkv_bias
+        hf = dict(
+            architectures=["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+            model_type="qwen2" if qwen else "llama",
+            vocab_size=c.vocab_size,
+            hidden_size=c.n_embd,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.n_layer,
+            num_attention_heads=c.n_head,
+            num_key_value_heads=c.n_kv_head,
+            head_dim=c.n_embd // c.n_head,
+            hidden_act="silu",
+            max_position_embeddings=c.max_seq_len,
+            rms_norm_eps=c.rms_norm_eps,
+            # transformers >= 5 reads rope_parameters, older versions rope_theta: write both
+            rope_theta=c.rope_theta,
+            rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta),
+            tie_word_embeddings=c.tie_embeddings,
+            torch_dtype="float32",
+        )
+        if not qwen:
+            hf.update(attention_bias=False, mlp_bias=False)
+        if c.score_head:
+            hf["score_head"] = True
+        if tokenizer_path is not None:
+            tok_text = Path(tokenizer_path).read_text()
+            # special token ids, if the tokenizer has tokens of those names, so HF generate knows them too
+            added = {t["content"]: t["id"] for t in json.loads(tok_text).get("added_tokens", [])}
+            for key, name in (("bos_token_id", "<bos>"), ("eos_token_id", "<eos>"), ("pad_token_id", "<pad>")):
+                if name in added:
+                    hf[key] = added[name]
+            (folder / "tokenizer.json").write_text(tok_text)
+        (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if c.tie_embeddings:
+            del state["lm_head.weight"]  # HF stores a tied matrix once, under the embedding's name
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder, score_head=None, device="cpu"):
+        """Load an HF Llama / Qwen2 folder (model.safetensors or a sharded model.safetensors.index.json).
+
+        score_head: None = as the folder says; True = attach a score head, zero-initialised if the folder has
+        none (e.g. a value model started from a policy); False = drop it.
+        """
+        folder = Path(folder)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{folder}: no config.json, not a model folder")
+        hf = json.loads(config_file.read_text())
+        arch = (hf.get("architectures") or ["(none)"])[0]
+        if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+            raise ValueError(f"{config_file}: unsupported architecture {arch}, expected Llama or Qwen2")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        unsupported = [
+            ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
+            ("rope type", rope.get("rope_type", rope.get("type", "default")) != "default"),
+            ("attention_bias", arch == "LlamaForCausalLM" and hf.get("attention_bias", False)),
+            ("mlp_bias", hf.get("mlp_bias", False)),
+            ("sliding window", hf.get("use_sliding_window", False)),
+            ("head_dim", hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+             != hf["hidden_size"] // hf["num_attention_heads"]),
+        ]
+        for what, bad in unsupported:
+            if bad:
+                raise ValueError(f"{config_file}: unsupported {what} setting")
+        config = GPTConfig(
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            n_embd=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            score_head=hf.get("score_head", False) if score_head is None else score_head,
+        )
+        model = cls(config).to(device)
+        # which files hold the tensors: one file, or shards listed in an index {"weight_map": {name: file}}
+        index_file = folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        elif (folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise ValueError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+        tensors = {}
+        for file in files:
+            tensors.update(load_file(folder / file, device=str(device)))
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                if name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # the same tensor as model.embed_tokens.weight, loaded under that name
+                if name.startswith("score.") and name not in tensors:
+                    continue  # a new head on a pretrained body (e.g. a value model): keep its zero init
+                if name not in tensors:
+                    raise ValueError(f"{folder}: tensor {name} missing from the checkpoint")
+                if tensors[name].shape != param.shape:
+                    raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"config.json implies {tuple(param.shape)}")
+                param.copy_(tensors[name])  # copy_ also converts a bf16 / fp16 file to our fp32
+        return model

@@ -1,0 +1,152 @@
+"""
+The batched KV-cache sampler: left-padded prompts -> completions, their masks and log-probs.
+
+It is the hot path of every on-policy stage (GRPO, PPO, RFT, on-policy distillation), so it is written for
+speed as much as a reference can be:
+
+  * one prefill forward over all prompts, then one single-token forward per new token for the whole batch;
+    no per-row Python in the decode loop, finished rows keep riding along (emitting pad_id, mask 0);
+  * one KVCache preallocated for prompt_len + max_new_tokens, written in place;
+  * the attention mask is preallocated too (prompt mask, then ones) and each step passes a slice of it;
+    the model turns a single-token step into positions and a key mask with a couple of cheap ops and
+    reads cos/sin from RoPE tables computed once at construction;
+  * the only host-device sync is the "all rows finished?" check, done every CHECK_EVERY steps.
+
+Left padding keeps every row's last prompt token in the same column, so one new column per step serves all
+rows; positions come from the mask (model.py), so padding changes nothing a row computes.
+
+Log-probs (DESIGN "Conventions", PITFALLS item 8): the log-prob of each sampled token under logits/temperature,
+the full distribution, NOT the top-k/top-p truncated one the token was drawn from. That is what the policy
+and reference compute with completion_logps, so the PPO/GRPO ratio is exactly 1 before an update.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from losses.common import gather_logprobs, token_logprobs
+from model import KVCache
+
+CHECK_EVERY = 4  # decode steps between "have all rows hit EOS?" checks (each is a GPU -> CPU sync)
+
+
+@dataclass
+class Samples:
+    prompt_ids: torch.Tensor  # (B, P) left padded with pad_id
+    prompt_mask: torch.Tensor  # (B, P) 1 real, 0 pad
+    completion_ids: torch.Tensor  # (B, N) pad_id after EOS
+    completion_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
+    logps: torch.Tensor  # (B, N) fp32 log-prob of each token under logits/temperature; 0 where mask is 0
+
+
+def left_pad(prompts, pad_id, device=None):
+    """list of B token-id lists -> ids (B, P) and mask (B, P), padded on the left to the longest prompt."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)  # (B, P)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, P - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit (B, V) outside the top_k largest and outside the nucleus of mass top_p."""
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)  # (B, V)
+        # drop a token if the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # (B, V)
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
+           pad_id=0):
+    """Sample completions for a batch of prompts with a KV cache.
+
+    Args:
+        model: a model.GPT (any device / dtype; log-probs are computed in fp32).
+        prompts: list of B prompts, each a list of token ids (different lengths are fine).
+        max_new_tokens: completion budget N_max; prompt_len + N_max must fit config.max_seq_len.
+        temperature: logits are divided by it before sampling; 0 = greedy (argmax).
+        top_k, top_p: optional truncation of the sampling distribution (not of the reported log-probs).
+        eos_id: a row stops after emitting it; None = every row runs max_new_tokens.
+        generator: a torch.Generator on the model's device, for reproducible samples.
+        pad_id: written in place of prompt padding and of tokens after EOS.
+
+    Returns Samples. N is the longest completion in the batch (<= max_new_tokens): columns in which every row
+    had already finished are dropped. logps are of logits/temperature without top-k/top-p; with temperature 0
+    they are the temperature-1 log-probs of the argmax tokens.
+    """
+    device = model.lm_head.weight.device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
+    B, P = prompt_ids.shape
+    total = P + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {total} exceeds "
+                         f"max_seq_len={model.config.max_seq_len}")
+    cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
+    # attention mask for the whole rollout: the prompt's padding, then every generated column counts as real.
+    # Tokens after a row's EOS are pads we feed anyway; they come after everything the row keeps, so causality
+    # already stops them from influencing it.
+    attn_mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B, P + N_max)
+    attn_mask[:, :P] = prompt_mask
+
+    completion_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N_max)
+    completion_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N_max)
+    logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)  # (B, N_max)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
+    # prefill: one forward over all prompts; only the last position's logits are needed, so we take the
+    # hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
+    hidden = model(prompt_ids, attn_mask[:, :P], cache=cache, return_hidden=True)  # (B, P, D)
+    logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
+    scale = 1.0 if temperature == 0 else 1.0 / temperature  # greedy reports temperature-1 log-probs
+    for t in range(max_new_tokens):
+        logits = logits * scale  # (B, V) the distribution we report log-probs of
+        if temperature == 0:
+            next_id = logits.argmax(-1)  # (B,)
+        else:
+            probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V)
+            next_id = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        logp = gather_logprobs(logits, next_id)  # (B,)
+        # rows that finished before this step emit pad with mask 0 and log-prob 0
+        live = ~done  # (B,)
+        completion_ids[:, t] = next_id.masked_fill(done, pad_id)
+        completion_mask[:, t] = live
+        logps[:, t] = logp.masked_fill(done, 0.0)
+        if eos_id is not None:
+            done = done | (next_id == eos_id)
+            if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
+                break
+        if t + 1 < max_new_tokens:
+            # one new column for every row; cache.pos advances by 1
+            logits = model(next_id[:, None], attn_mask[:, :P + t + 1], cache=cache)[:, -1].float()  # (B, V)
+    N = int(completion_mask.sum(-1).max())  # drop trailing columns where every row had finished
+    return Samples(prompt_ids, prompt_mask, completion_ids[:, :N], completion_mask[:, :N], logps[:, :N])
+
+
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+    """Log-probs (B, N) of completion tokens under model, by one full forward over [prompt; completion].
+
+    The policy (with gradients), the reference and the teacher all call this, with the temperature the sampler
+    used, so before an update it reproduces Samples.logps (within float error) and the PPO ratio is exactly 1.
+    temperature 0 (greedy sampling) is taken as 1, as in sample(). Positions where completion_mask is 0 get 0.
+
+    prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N). Returns fp32 (B, N).
+    """
+    ids = torch.cat((prompt_ids, completion_ids), dim=1)  # (B, P + N)
+    mask = torch.cat((prompt_mask, completion_mask), dim=1)  # (B, P + N)
+    logits = model(ids, mask)  # (B, P + N, V)
+    if temperature not in (0, 1):
+        logits = logits / temperature
+    P = prompt_ids.size(1)
+    # logits[:, P - 1] predicts the first completion token; token_logprobs does the one-step shift
+    logps = token_logprobs(logits[:, P - 1:], ids[:, P - 1:])  # (B, N)
+    return logps.masked_fill(completion_mask == 0, 0.0)
