@@ -359,6 +359,8 @@ class GPT(nn.Module):
             raise ValueError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
         tensors = {}
         for file in files:
+            if not (folder / file).is_file():
+                raise ValueError(f"{folder}: {file} is missing")
             tensors.update(load_file(folder / file, device=str(device)))
         with torch.no_grad():
             for name, param in model.state_dict().items():

@@ -32,9 +32,12 @@ import torch
 
 import rollout
 from data import task
-from losses.advantages import group_advantages, rloo_advantages
-from losses.common import IGNORE_INDEX, gather_logprobs, masked_mean
-from losses.policy import entropy_from_logits, kl_penalty, policy_loss
+from losses.advantages import gae, group_advantages, process_advantages, rloo_advantages
+from losses.common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
+from losses.distill import generalized_jsd_loss, kl_distill_loss
+from losses.dpo import dpo_loss, reward_model_loss, simpo_loss
+from losses.policy import entropy_from_logits, kl_penalty, policy_loss, value_loss
+from losses.prm import prm_loss
 from losses.sft import sft_loss
 from model import GPT, GPTConfig
 
@@ -57,10 +60,12 @@ def get_args(argv=None):
                    help="checkpoint folder to start the first stage from (default: the previous stage's output)")
     g.add_argument("--data-dir", default=os.path.join(ROOT, "data"), help="folder of the task's JSONL files")
     g.add_argument("--seed", type=int, default=1337, help="seed for data order, sampling and init")
-    # the model, used only when a stage starts from scratch (pretrain)
+    # the model, used only when a stage starts from scratch (pretrain, pretrain-small)
     g = p.add_argument_group("model (from-scratch stages only)")
-    g.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
-    g.add_argument("--n-embd", type=int, default=128, help="model width D")
+    g.add_argument("--n-layer", type=int, default=None,
+                   help="transformer blocks (unset: the stage's default, 4; pretrain-small, the student's base: 2)")
+    g.add_argument("--n-embd", type=int, default=None,
+                   help="model width D (unset: the stage's default, 128; pretrain-small: 64)")
     g.add_argument("--n-head", type=int, default=4, help="query heads")
     g.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (grouped-query attention)")
     g.add_argument("--max-seq-len", type=int, default=128, help="longest sequence (prompt + completion)")
@@ -100,6 +105,67 @@ def get_args(argv=None):
                    help="do not divide group advantages by the group std (Dr. GRPO)")
     g.add_argument("--dynamic-sampling", action=argparse.BooleanOptionalAction, default=None,
                    help="drop groups whose rewards are all equal (DAPO); they carry no gradient")
+    # dpo / rm / distill / eval
+    g = p.add_argument_group("dpo / rm / distill / eval")
+    g.add_argument("--pairs", default="given", choices=["given", "self"],
+                   help="dpo, rm: preference pairs; given = data/pairs.jsonl (clean vs corrupted solution), "
+                        "self = --group-size samples per rl.jsonl prompt from the init, a correct vs a wrong one")
+    g.add_argument("--pair-prompts", type=int, default=1000,
+                   help="dpo, rm: rl.jsonl prompts sampled for --pairs self")
+    g.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "simpo"],
+                   help="dpo: DPO (sigmoid; cDPO with --label-smoothing), IPO, hinge (SLiC/RSO), "
+                        "SimPO (no reference)")
+    g.add_argument("--beta", type=float, default=None,
+                   help="dpo: scale of the implicit reward (unset: 0.1; 2.0 for simpo)")
+    g.add_argument("--simpo-gamma", type=float, default=0.5,
+                   help="dpo --loss-type simpo: target reward margin")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="dpo sigmoid: assumed rate of flipped preference labels (cDPO); 0 = plain DPO")
+    g.add_argument("--teacher", default=None,
+                   help="distill: the teacher's checkpoint folder (unset: OUT_DIR/grpo, built if missing; "
+                        "in a pipeline: the previous stage's output)")
+    g.add_argument("--distill-mode", default="forward", choices=["forward", "reverse", "jsd", "onpolicy"],
+                   help="distill: forward / reverse KL or JSD on teacher samples (off-policy), or JSD on the "
+                        "student's own samples scored by the teacher (onpolicy, GKD)")
+    g.add_argument("--jsd-beta", type=float, default=0.5,
+                   help="distill jsd, onpolicy: teacher weight beta of the generalized JSD "
+                        "(0 = forward KL, 1 = reverse KL)")
+    g.add_argument("--ckpt", action="append", default=None,
+                   help="eval: a checkpoint folder to evaluate; repeat the flag for several "
+                        "(unset: every stage folder in OUT_DIR)")
+    g.add_argument("--base", default=None,
+                   help="eval: the base folder that gained / lost problems and KL are measured against "
+                        "(unset: OUT_DIR/pretrain if it exists, else the first --ckpt)")
+    g.add_argument("--eval-n", type=int, default=16,
+                   help="eval: samples per held-out problem at T=1; pass@k for k = 1, 2, 4, ..., n")
+    g.add_argument("--eval-out", default=None,
+                   help="eval: JSON file of the results (unset: OUT_DIR/eval.json)")
+    g.add_argument("--pipeline-eval", action=argparse.BooleanOptionalAction, default=True,
+                   help="after a run of several stages, evaluate every stage's output as the eval stage does")
+    # ppo / rft / prm, and the learned rewards grpo and ppo can optimise
+    g = p.add_argument_group("ppo / rft / prm")
+    g.add_argument("--reward", default="verifier", choices=["verifier", "prm", "rm"],
+                   help="grpo, ppo: what scores a rollout; verifier = the task's 0/1 outcome, prm = the step "
+                        "scores of OUT_DIR/prm (process supervision), rm = the sequence score of OUT_DIR/rm "
+                        "(each built first if missing)")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="ppo: weight of the value loss")
+    g.add_argument("--value-clip", type=float, default=0.2,
+                   help="ppo: a value may move at most this far from its rollout-time value (reward units)")
+    g.add_argument("--gamma", type=float, default=1.0, help="ppo: GAE discount")
+    g.add_argument("--lam", type=float, default=0.95, help="ppo: GAE lambda")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="rft: sample-filter-finetune rounds; a new round starts every STEPS / ROUNDS steps")
+    g.add_argument("--round-prompts", type=int, default=256,
+                   help="rft: rl.jsonl prompts sampled per round (--group-size samples each, BATCH_SIZE "
+                        "prompts at a time)")
+    g.add_argument("--prm-data", default="samples", choices=["samples", "pretrain"],
+                   help="prm: completions to learn from; samples = the init policy's own on rl.jsonl "
+                        "prompts, pretrain = the noisy worked solutions of pretrain.jsonl")
+    g.add_argument("--prm-labels", default="verifier", choices=["verifier", "mc"],
+                   help="prm: step labels; verifier = the task's step checker, mc = Math-Shepherd "
+                        "Monte-Carlo (1 if any of --mc-rollouts continuations from the step reaches the "
+                        "answer)")
+    g.add_argument("--mc-rollouts", type=int, default=4, help="prm --prm-labels mc: continuations per step")
     # eval
     g = p.add_argument_group("eval and logging")
     g.add_argument("--eval-split", default="test", help="held-out JSONL file in --data-dir used for pass@1")
@@ -227,11 +293,15 @@ def ensure_stage_output(user_args, name):
 
 
 @torch.no_grad()
-def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
-    """Sample n completions per prompt; returns (correct (P, n) bool tensor, completions as text)."""
+def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256, return_ids=False):
+    """Sample n completions per prompt; returns (correct (P, n) bool tensor, completions as text).
+
+    return_ids: also return each completion's sampled token ids (P * n lists, up to and including EOS), the exact
+    sequences, which decoded text is not (decode drops PAD/BOS and the EOS marks a finished completion).
+    """
     gen = torch.Generator(device=args.device).manual_seed(seed)
     rows = [p for p in prompts for _ in range(n)]
-    correct, texts = [], []
+    correct, texts, completions = [], [], []
     for i in range(0, len(rows), batch_rows):
         chunk = rows[i:i + batch_rows]
         ids = [prompt_ids(tok, p) for p in chunk]
@@ -243,7 +313,10 @@ def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
             text = task.decode(tok, c)
             texts.append(text)
             correct.append(done and task.verify(p, text).correct)
-    return torch.tensor(correct).view(len(prompts), n), texts
+        if return_ids:
+            completions += [c[:m] for c, m in zip(s.completion_ids.tolist(), s.completion_mask.sum(1).tolist())]
+    correct = torch.tensor(correct).view(len(prompts), n)
+    return (correct, texts, completions) if return_ids else (correct, texts)
 
 
 def evaluate(model, tok, problems, args, seed=0):
@@ -313,7 +386,261 @@ def lm_loss(ctx, args, mb):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# off-policy: dpo and the reward model
+#
+# Both learn from preference pairs (prompt, chosen, rejected), held as token ids: [bos] + prompt, and each
+# completion ending in EOS. A batch keeps chosen and rejected as SEPARATE right-padded tensors, each (B, T)
+# with a mask (B, T) that is 1 on the completion's tokens (EOS included), never one tensor half chosen.
+
+
+def encode_pairs(tok, rows):
+    """Text pairs [{"prompt", "chosen", "rejected"}] -> [(prompt ids, chosen ids, rejected ids)], + EOS."""
+    return [(prompt_ids(tok, r["prompt"]), task.encode(tok, r["chosen"]) + [task.EOS],
+             task.encode(tok, r["rejected"]) + [task.EOS]) for r in rows]
+
+
+def self_pairs(args, policy, tok):
+    """Pairs from the init policy's own samples: per rl.jsonl prompt, a verified-correct vs a wrong sample.
+
+    --group-size samples for each of the first --pair-prompts prompts, drawn once, before any update. A pair
+    holds the sampled token ids themselves (up to and including EOS, or cut at the length limit), not a
+    re-encoding of their text, so chosen and rejected are exactly what the policy generated.
+    """
+    rows = read_rows(args, "rl", {"prompt": str, "answer": int})[:args.pair_prompts]
+    prompts, G = [r["prompt"] for r in rows], args.group_size
+    correct, _, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed,
+                                    return_ids=True)  # (P, G) bool, P * G id lists
+    rng = random.Random(args.seed)
+    pairs = []
+    for i, prompt in enumerate(prompts):
+        group = list(zip(completions[i * G:(i + 1) * G], correct[i].tolist()))  # a prompt's G samples
+        good = [c for c, ok in group if ok]
+        bad = [c for c, ok in group if not ok]
+        if good and bad:  # a prompt the policy always (or never) solves gives no pair
+            pairs.append((prompt_ids(tok, prompt), rng.choice(good), rng.choice(bad)))
+    print(f"[pairs] self: {len(pairs)} pairs from {len(prompts)} prompts x {G} samples "
+          f"({correct.float().mean().item():.1%} of the samples correct)")
+    return pairs
+
+
+def heldout_pairs(args, tok):
+    """Held-out pairs on the --eval-split prompts: the clean worked solution vs a corrupted one."""
+    rows = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+    rng = random.Random(0)  # the same held-out pairs in every run, whatever --seed
+    problems = [task.parse_prompt(r["prompt"]) for r in rows]
+    rows = [{"prompt": p.prompt, "chosen": task.solution(p), "rejected": task.corrupt(p, rng)}
+            for p in problems]
+    return encode_pairs(tok, rows)
+
+
+def setup_pairs(args, policy, tok):
+    """Training pairs (--pairs given or self) and held-out pairs, tokenised; dpo and rm share this."""
+    if args.pairs == "self":
+        train = self_pairs(args, policy, tok)
+    else:
+        train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
+    if not train:
+        sys.exit("posttrain: error: no preference pairs (--pairs self: no prompt got both a correct and a "
+                 "wrong sample; raise --pair-prompts or --group-size)")
+    return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
+            "order": Shuffler(len(train), args.seed)}
+
+
+def pair_batch(split, idx, device):
+    """Pairs idx of a split {"pairs", optional "ref_chosen_logps", "ref_rejected_logps"} -> row tensors."""
+    pairs = split["pairs"]
+    batch = {}
+    for side, k in (("chosen", 1), ("rejected", 2)):
+        batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], task.PAD)  # (B, T)
+        # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding (PITFALLS item 10)
+        batch[side + "_mask"] = pad_right([[0] * len(pairs[i][0]) + [1] * len(pairs[i][k]) for i in idx], 0)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in split:
+            batch[key] = split[key][idx]  # (B,)
+    batch["w"] = torch.ones(len(idx))  # one loss unit per pair: the loss is a mean over pairs
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sequence_logps(model, ids, mask, args):
+    """Summed completion log-probs (B,) of right-padded ids (B, T); mask (B, T) is 1 on completion tokens."""
+    with args.amp():
+        logits = model(ids)  # (B, T, V); right padding needs no attention mask (see lm_loss)
+    logps = token_logprobs(logits, ids)  # (B, T-1): column t is the log-prob of token t+1
+    # the mask shifts with the tokens: prompt and padding add exactly 0, to the policy and the reference alike
+    return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (B,)
+
+
+def last_index(mask):
+    """Index (B,) of the last 1 in each row of a 0/1 mask (B, T)."""
+    return (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,)
+
+
+def sequence_scores(model, ids, last, args, attn_mask=None):
+    """A score-head model's scalar per sequence (B,): its score at position last (B,) of ids (B, T).
+
+    Convention (the rm stage, and whatever scores rollouts with a trained reward model): the score of a
+    completion is read at the LAST real token of [bos] + prompt + completion + [eos], its EOS, the one
+    position that has seen the whole completion. attn_mask (B, T) is needed only with left padding (rollouts).
+    """
+    with args.amp():
+        hidden = model(ids, attn_mask=attn_mask, return_hidden=True)  # (B, T, D)
+        scores = model.score(hidden).squeeze(-1).float()  # (B, T)
+    return scores.gather(1, last[:, None]).squeeze(1)  # (B,)
+
+
+@torch.no_grad()
+def pair_logps(model, pairs, args):
+    """Summed completion log-probs of every pair's chosen and of its rejected completion: two (N,) tensors."""
+    chosen, rejected = [], []
+    for sl in chunks(len(pairs), args.micro_batch_size):
+        b = pair_batch({"pairs": pairs}, list(range(sl.start, sl.stop)), args.device)
+        chosen.append(sequence_logps(model, b["chosen_ids"], b["chosen_mask"], args).cpu())
+        rejected.append(sequence_logps(model, b["rejected_ids"], b["rejected_mask"], args).cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_metrics(chosen, rejected):
+    """Preference accuracy (a tie counts half: equal rewards give 0.5), mean margin and rewards; (B,) each."""
+    acc = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()  # (B,)
+    return {"acc": acc.mean().item(), "margin": (chosen - rejected).mean().item(),
+            "reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item()}
+
+
+@torch.no_grad()
+def heldout_pair_eval(ctx, args, terms):
+    """Accuracy and margin on the held-out pairs; terms(model, args, batch) -> (losses, chosen, rejected)."""
+    split = ctx["heldout"]
+    chosen, rejected = [], []
+    # the same chunks as the reference log-probs at setup, so at init the margins are exactly 0 (accuracy 0.5)
+    for sl in chunks(len(split["pairs"]), args.micro_batch_size):
+        _, c, r = terms(ctx["policy"], args, pair_batch(split, list(range(sl.start, sl.stop)), args.device))
+        chosen.append(c)
+        rejected.append(r)
+    if not chosen:
+        return {}
+    m = pair_metrics(torch.cat(chosen), torch.cat(rejected))
+    return {"pair_acc": m["acc"], "pair_margin": m["margin"]}
+
+
+def setup_dpo(args, policy, tok):
+    """Stage dpo: Direct Preference Optimization on preference pairs, and its IPO / hinge / SimPO variants.
+
+    Papers: DPO, Rafailov et al. 2023 (arXiv 2305.18290), eq. 7; cDPO (--label-smoothing); IPO (Azar et
+    al. 2023, arXiv 2310.12036); hinge (SLiC-HF / RSO); SimPO (Meng et al. 2024, arXiv 2405.14734); see
+    losses/dpo.py. Regime: off-policy, trajectories the learner does not generate during training: --pairs
+    given (a clean worked solution vs a corrupted one, written by the data generator) or --pairs self (the
+    init's own samples, verified, drawn once before the first update). Role: policy reshaping.
+    Loss at initialisation: ln 2 for sigmoid (policy == reference).
+
+    Differs from the paper:
+        1. The reference's log-probs are computed once, here, by a frozen copy of the init that is then freed,
+           not by a second model held through training: the same numbers, one model in memory (TRL's
+           precompute_ref_log_probs).
+        2. Preferences come from the task's verifier, not from human labellers: chosen is always correct,
+           rejected always wrong. --pairs self is the paper's "sample from the SFT model, then label" recipe
+           with the verifier as labeller (one round, like RSO or the first iteration of iterative DPO).
+        3. IPO and hinge use summed log-probs like DPO (the IPO authors average per token); SimPO averages, as
+           its paper does, counting EOS as a completion token.
+        4. No SFT-on-chosen warm start inside the stage: the init (by default the sft stage's output) is it.
+    """
+    if args.beta is None:
+        # SimPO's beta scales an average log-prob, DPO's a sum
+        args.beta = 2.0 if args.loss_type == "simpo" else 0.1
+    ctx = setup_pairs(args, policy, tok)
+    if args.loss_type != "simpo":  # SimPO has no reference
+        ref = load_model(args.init_folder, args.device).eval().requires_grad_(False)
+        for split in (ctx["train"], ctx["heldout"]):
+            split["ref_chosen_logps"], split["ref_rejected_logps"] = pair_logps(ref, split["pairs"], args)
+        del ref  # never needed again
+    return ctx
+
+
+def pair_stage_batch(ctx, args, step):
+    return pair_batch(ctx["train"], ctx["order"].take(args.batch_size), args.device), {}
+
+
+def dpo_terms(model, args, mb):
+    """Per-pair losses (B,) of --loss-type and the implicit rewards of chosen and rejected (B,), detached."""
+    chosen = sequence_logps(model, mb["chosen_ids"], mb["chosen_mask"], args)  # (B,) log pi(y_c | x)
+    rejected = sequence_logps(model, mb["rejected_ids"], mb["rejected_mask"], args)  # (B,) log pi(y_r | x)
+    if args.loss_type == "simpo":
+        # no reference: SimPO's implicit reward is beta times the per-token average log-prob
+        chosen_avg = chosen / mb["chosen_mask"].sum(1)  # (B,)
+        rejected_avg = rejected / mb["rejected_mask"].sum(1)  # (B,)
+        losses = simpo_loss(chosen_avg, rejected_avg, beta=args.beta, gamma=args.simpo_gamma)  # (B,)
+        return losses, args.beta * chosen_avg.detach(), args.beta * rejected_avg.detach()
+    return dpo_loss(chosen, rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"], beta=args.beta,
+                    loss_type=args.loss_type, label_smoothing=args.label_smoothing)  # 3 x (B,)
+
+
+def dpo_stage_loss(ctx, args, mb):
+    losses, chosen_rewards, rejected_rewards = dpo_terms(ctx["policy"], args, mb)
+    return losses.mean(), pair_metrics(chosen_rewards, rejected_rewards)
+
+
+def dpo_evaluate(ctx, args):
+    return heldout_pair_eval(ctx, args, dpo_terms)
+
+
+def setup_rm(args, policy, tok):
+    """Stage rm: a Bradley-Terry reward model trained on preference pairs.
+
+    Paper: InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), Sec. 3.5, eq. 1, after Stiennon et al. 2020:
+    a language model with a scalar head in place of its unembedding, trained on
+    -log sigmoid(r(x, y_c) - r(x, y_r)).
+    Regime: off-policy (the same pairs as dpo, --pairs given or self). Role: it reshapes no policy itself; it
+    builds the reward an on-policy stage can optimise in place of the verifier. Loss at initialisation: ln 2
+    (the head starts at 0). A sequence's score is the head's output at its EOS (sequence_scores).
+
+    Differs from the paper:
+        1. InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; here a pair is a row.
+        2. The head sits on the SFT model, as in the paper, but the unused LM head stays in the checkpoint, so
+           the folder still loads as a plain Llama model.
+        3. No reward normalisation (InstructGPT shifts the reward so that demonstrations score 0 on average).
+        4. Labels come from the task's verifier (chosen correct, rejected wrong), not from human labellers.
+    """
+    return setup_pairs(args, policy, tok)
+
+
+def rm_terms(model, args, mb):
+    """Bradley-Terry losses (B,) and the scores of chosen and rejected (B,), detached, read at their EOS."""
+    chosen = sequence_scores(model, mb["chosen_ids"], last_index(mb["chosen_mask"]), args)  # (B,)
+    rejected = sequence_scores(model, mb["rejected_ids"], last_index(mb["rejected_mask"]), args)  # (B,)
+    return reward_model_loss(chosen, rejected), chosen.detach(), rejected.detach()
+
+
+def rm_loss(ctx, args, mb):
+    losses, chosen_scores, rejected_scores = rm_terms(ctx["policy"], args, mb)
+    return losses.mean(), pair_metrics(chosen_scores, rejected_scores)
+
+
+def rm_evaluate(ctx, args):
+    return heldout_pair_eval(ctx, args, rm_terms)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # on-policy stages: grpo (and the pieces ppo and rft share with it)
+#
+# GRPO, Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, section 4.1):
+# for each prompt sample G completions from the current policy, score them (the verifier's outcome reward by
+# default), turn the rewards of each group into advantages (r - mean_group) / std_group, and take a few
+# clipped-ratio (PPO) steps on that batch; optionally penalise KL to the frozen initial policy.
+# Differs from the paper (each is a flag, defaults chosen by measurement on this task; see README):
+#   1. No KL term by default (--kl-coef 0), as in DAPO and Dr. GRPO; the paper uses beta = 0.04 with k3 in
+#      the loss (--kl-coef 0.04 --kl-kind k3 --kl-in loss reproduces it).
+#   2. token_mean aggregation (DAPO) by default, not the paper's per-sequence mean (--loss-agg
+#      seq_mean_token_mean), which weighs the tokens of short completions more (PITFALLS item 1).
+#   3. Dynamic sampling (DAPO) by default: groups whose rewards are all equal have zero advantage, so they
+#      are dropped instead of diluting the token mean; no re-sampling to refill the batch.
+#   4. Old log-probs come from a training-mode forward of the policy before the batch's first update, not
+#      from the sampler, so the first ratio is exactly 1 (the sampler's own log-probs are logged as a check).
+#   5. A completion cut off by --max-new-tokens scores 0 whatever its text says.
+# Measured on this task (2-core CPU, 0.74M-parameter model): lr 1e-4 barely moved the policy, 1e-3 collapsed
+# it within 5 steps; 2e-4 with 5 warmup steps and 2 passes per batch lifted held-out pass@1. With the SFT
+# model trained on the same 2..6-operand range as the test (sampled pass@1 ~72%), GRPO gave no lift: its
+# remaining failures were single arithmetic slips, and 16 prompts a step teach no arithmetic. GRPO therefore
+# trains on the longest chains (data/rl.jsonl: 5..6 operands) beyond SFT's 2..5, where the SFT model
+# solves ~36% of samples and failures are structural (losing track of a long chain).
 
 
 def setup_grpo(args, policy, tok):
@@ -323,6 +650,7 @@ def setup_grpo(args, policy, tok):
     if args.kl_coef > 0:
         # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0
         ctx["ref"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
+    setup_reward(ctx, args)  # --reward rm | prm: the frozen scorer that replaces the verifier
     return ctx
 
 
@@ -356,6 +684,9 @@ def sample_groups(ctx, args, tok):
     verdicts = [dataclasses.replace(v, correct=v.correct and done) for v, done in zip(verdicts, finished)]
     roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
             "completion_mask": s.completion_mask, "sampler_logps": s.logps}
+    # the sampler runs under torch.inference_mode, whose tensors may not enter a forward that autograd records
+    # (the embedding saves its ids for backward): clone them into ordinary tensors
+    roll = {k: v.clone() for k, v in roll.items()}
     return prompts, texts, verdicts, roll
 
 
@@ -366,6 +697,11 @@ def grpo_batch(ctx, args, step):
     mask = roll["completion_mask"].float()  # (B, N)
     stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item(),
              "zero_std_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item()}
+    steps = None
+    if args.reward != "verifier":
+        # a learned scorer replaces the verifier, whose accuracy stays logged as "reward" (see learned_rewards)
+        scores, steps = learned_rewards(ctx, args, roll, stats)  # (B,); prm: step rewards (B, S)
+        rewards = scores.to(rewards.device)
     # old log-probs: the policy's own training forward before any update of this batch (not the sampler's
     # incremental ones), so the first ratio is exactly 1; the sampler's are kept only as a diagnostic
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
@@ -381,6 +717,13 @@ def grpo_batch(ctx, args, step):
         adv = rloo_advantages(rewards, G)  # (B,)
     else:
         adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)  # (B,)
+    if steps is not None:
+        # process supervision (DeepSeekMath Sec. 4.1.3): a token's advantage is the sum of the group-normalised
+        # PRM rewards of the steps that end at or after it. The KL folded into `rewards` above would be lost.
+        if "ref" in ctx and args.kl_in == "reward":
+            sys.exit("posttrain: error: grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); "
+                     "drop --kl-in reward")
+        adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B, N)
     roll["adv"] = adv
     keep = torch.ones(len(adv), dtype=torch.bool)
     if args.dynamic_sampling:
@@ -418,6 +761,745 @@ def grpo_loss(ctx, args, mb):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# process supervision: --reward prm | rm for grpo and ppo, score heads read at chosen completion tokens
+
+STEP_END = task.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
+
+
+def completion_scores(model, mb, args, shift=False):
+    """Score head over [prompt; completion] -> one scalar per completion token, (B, N), fp32.
+
+    shift=False: the score AT token t, i.e. after reading it. Reward models and PRMs judge what they have
+                 read, so a step is scored at its own last token (PITFALLS item 7: the exception to the
+                 shift).
+    shift=True:  the score at the position BEFORE token t, i.e. of the state in which token t is chosen: the
+                 PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
+    """
+    P = mb["prompt_ids"].shape[1]
+    ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)  # (B, P+N)
+    attn = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)  # (B, P+N)
+    with args.amp():
+        hidden = model(ids, attn_mask=attn, return_hidden=True)  # (B, P+N, D)
+        scores = model.score(hidden).squeeze(-1).float()  # (B, P+N)
+    return scores[:, P - 1:-1] if shift else scores[:, P:]  # (B, N)
+
+
+@torch.no_grad()
+def chunked_scores(model, roll, args, shift=False):
+    """completion_scores of a whole rollout batch, in micro-batch chunks."""
+    return torch.cat([completion_scores(model, {k: v[sl] for k, v in roll.items()}, args, shift)
+                      for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size)])  # (B, N)
+
+
+def step_positions(completion_ids, completion_mask):
+    """Index of the end token of every step of each completion: each ';', then the EOS that closes the answer.
+
+    The answer "#N" counts as the last step, so a PRM judges the answer too (Math-Shepherd's last step holds
+    the answer); a cut-off completion has no EOS, hence no answer step. Returns ends (B, S) long and
+    step_mask (B, S), padded with 0 on the right (S = most steps in the batch).
+    """
+    real = completion_mask.bool()  # (B, N)
+    is_end = real & ((completion_ids == STEP_END) | (completion_ids == task.EOS))  # (B, N)
+    rows = [torch.nonzero(row).squeeze(1).tolist() for row in is_end.cpu()]
+    ends = pad_right(rows + [[0]], 0)[:-1]  # (B, S); the dummy last row makes S >= 1
+    step_mask = pad_right([[1] * len(r) for r in rows] + [[0]], 0)[:-1]  # (B, S)
+    return ends.to(completion_ids.device), step_mask.to(completion_ids.device)
+
+
+def setup_reward(ctx, args):
+    """--reward rm | prm: load the frozen scorer (OUT_DIR/rm or OUT_DIR/prm, trained first if missing)."""
+    if args.reward == "verifier":
+        return
+    if args.reward not in STAGES:
+        sys.exit(f"posttrain: error: --reward {args.reward} needs a stage {args.reward!r}, and there is none")
+    folder = args.stage_output(args.reward)
+    print(f"[reward] {args.reward} from {folder}")
+    ctx["reward_model"] = load_model(folder, args.device, score_head=True).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def learned_rewards(ctx, args, roll, stats):
+    """The frozen reward model's verdict on a rollout batch, in place of the verifier's.
+
+    --reward rm:  a Bradley-Terry reward model's sequence score, read at the completion's last real token (the
+                  EOS of [bos] + prompt + completion + [eos], where the RM was trained to score). Returns
+                  (rewards (B,), None); the caller uses them exactly like the verifier's 0/1.
+    --reward prm: process supervision (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.3): the
+                  PRM's probability that each step is right, sigmoid(score) at the step's end token (every
+                  ';', and the EOS closing the answer). Returns (per-row mean step reward (B,), for logging
+                  and dynamic sampling only, and {"rewards", "ends", "mask"} each (B, S)) for
+                  process_advantages / PPO's dense reward.
+
+    Differs from the paper (prm):
+        1. The paper's PRM scores reasoning steps only, with the outcome left to the answer's step; ours
+           scores the answer "#N" as a step of its own (see step_positions), so a wrong final answer after
+           right steps is still penalised.
+        2. Step reward = sigmoid(PRM logit), a probability in (0, 1); the paper does not say how the PRM's
+           output becomes a number.
+    """
+    model, mask = ctx["reward_model"], roll["completion_mask"]  # (B, N)
+    if args.reward == "rm":
+        P = roll["prompt_ids"].shape[1]
+        ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)  # (B, P+N)
+        attn = torch.cat([roll["prompt_mask"], mask], 1)  # (B, P+N)
+        last = P + mask.sum(1) - 1  # (B,) the last real token: the EOS of a finished completion
+        rewards = torch.cat([sequence_scores(model, ids[sl], last[sl], args, attn_mask=attn[sl])
+                             for sl in chunks(len(ids), args.micro_batch_size)])  # (B,)
+        # A cut-off completion never reached the [eos] the RM learned to score at, and the verifier would call
+        # it wrong: give it the lowest score of the batch rather than an out-of-distribution guess (TRL
+        # instead subtracts a fixed missing_eos_penalty).
+        finished = (roll["completion_ids"] == task.EOS).any(1)  # (B,)
+        rewards = torch.where(finished, rewards, rewards.min())  # (B,)
+        stats["rm_score"] = rewards.mean().item()
+        return rewards, None
+    scores = chunked_scores(model, roll, args)  # (B, N) the PRM's score after reading each completion token
+    ends, step_mask = step_positions(roll["completion_ids"], mask)  # (B, S), (B, S)
+    step_rewards = torch.sigmoid(scores.gather(1, ends)) * step_mask  # (B, S)
+    stats["prm_step_reward"] = masked_mean(step_rewards, step_mask).item()
+    seq_rewards = masked_mean(step_rewards, step_mask, dim=1)  # (B,)
+    return seq_rewards, {"rewards": step_rewards, "ends": ends, "mask": step_mask}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# on-policy: ppo
+
+
+def setup_ppo(args, policy, tok):
+    # prompts, their order, the sampler's generator, the frozen reference (--kl-coef > 0), the --reward scorer
+    ctx = setup_grpo(args, policy, tok)
+    # The critic is a SEPARATE copy of the init weights with a zero-initialised score head (InstructGPT,
+    # OpenRLHF), not a value head on the policy's trunk. A shared trunk is cheaper, but then value and policy
+    # gradients pull on the same weights, and the value loss's scale (vf_coef) becomes a policy
+    # hyper-parameter; with a separate critic the two objectives only meet in the advantages. It trains in the
+    # loop's one optimizer via ctx["trainable"]; its LM head is never used, so it stays out.
+    critic = load_model(args.init_folder, args.device, score_head=True)
+    ctx["critic"] = critic
+    ctx["trainable"] = [p for n, p in critic.named_parameters() if not n.startswith("lm_head.")]
+    return ctx
+
+
+def masked_var(x, mask):
+    """Biased variance of x over the positions where mask is 1 (OpenRLHF's whitening uses the biased one)."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+
+
+def ppo_token_rewards(score, kl, mask, kl_coef):
+    """Per-token reward of RLHF-PPO: -kl_coef * KL at every completion token, plus the sequence score on the
+    LAST REAL token (the EOS; PITFALLS item 5: never on the first pad). score (B,), kl and mask (B, N)."""
+    last = mask.sum(1).long() - 1  # (B,) index of the last real token (completions are contiguous from 0)
+    rewards = -kl_coef * kl * mask  # (B, N)
+    rewards[torch.arange(len(score)), last] += score.to(rewards.dtype)
+    return rewards  # (B, N)
+
+
+def ppo_batch(ctx, args, step):
+    """PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
+
+    Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
+    score on the last real token; A, returns = GAE(r, V_old) (gamma, lambda); A is whitened over the batch's
+    valid tokens; the loss is the clipped surrogate + vf_coef * the clipped value loss (ppo_loss).
+
+    Papers: PPO, Schulman et al. 2017, arXiv 1707.06347 (eq. 7, 9); GAE, Schulman et al. 2015, arXiv
+    1506.02438; per-token KL reward, Ziegler et al. 2019, arXiv 1909.08593 and InstructGPT, Ouyang et al.
+    2022, arXiv 2203.02155, eq. 2; details as in Huang et al. 2024, arXiv 2403.17031 ("The N+ implementation
+    details of RLHF with PPO").
+
+    Differs from the paper:
+        1. The score is the task's verifier (0/1 outcome), or a learned RM / PRM with --reward; InstructGPT's
+           is always a learned RM. With --reward prm the reward is dense: each step's PRM probability minus
+           0.5 on its end token (a step the PRM doubts costs, a step it trusts pays), instead of one score at
+           the EOS.
+        2. No pretraining-mix term (InstructGPT's PPO-ptx) and no adaptive KL controller (Ziegler): beta is
+           fixed.
+        3. The critic starts from the SFT policy with a zero score head (InstructGPT: from the reward model),
+           and shares the policy's AdamW, learning rate and global gradient clip (OpenRLHF: a separate
+           optimizer).
+        4. --group-size samples per prompt only to spend the same rollouts per step as GRPO; GAE ignores
+           groups.
+        5. The KL is k1 always (--kl-kind and --kl-in are GRPO's); log pi_old is the policy's training
+           forward, not the sampler's, so that the first ratio is exactly 1.
+    """
+    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["tok"])
+    mask = roll["completion_mask"].float()  # (B, N)
+    score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
+    stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item()}
+    steps = None
+    if args.reward != "verifier":
+        score, steps = learned_rewards(ctx, args, roll, stats)  # (B,), prm: step rewards (B, S)
+    roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
+    roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
+    kl = torch.zeros_like(mask)  # (B, N)
+    if "ref" in ctx:
+        ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
+        kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1") * mask  # (B, N) log pi_old - log pi_ref
+        stats["kl_ref"] = masked_mean(kl, mask).item()
+    if steps is None:
+        rewards = ppo_token_rewards(score, kl, mask, args.kl_coef)  # (B, N)
+    else:
+        rewards = ppo_token_rewards(torch.zeros_like(score), kl, mask, args.kl_coef)  # (B, N) the KL part
+        dense = (steps["rewards"] - 0.5) * steps["mask"]  # (B, S) a doubted step costs, a trusted one pays
+        rewards.scatter_add_(1, steps["ends"], dense)  # (B, N) each step's reward on its end token
+    adv, returns = gae(rewards, roll["old_values"], mask, gamma=args.gamma, lam=args.lam)  # (B, N) each
+    # Whiten over the valid tokens of the whole batch (before it is split into minibatches): the policy's step
+    # size then does not depend on the reward's scale. Biased variance, as OpenRLHF; padding stays 0.
+    roll["adv"] = (adv - masked_mean(adv, mask)) * torch.rsqrt(masked_var(adv, mask) + 1e-8) * mask  # (B, N)
+    roll["returns"], roll["rewards"] = returns, rewards  # rewards ride along for tests and inspection
+    # explained variance of the critic at rollout time: 1 = perfect values, 0 = no better than a constant
+    var_returns = masked_var(returns, mask).item()
+    residual = masked_var(returns - roll["old_values"], mask).item()
+    explained = 1 - residual / var_returns if var_returns else 0.0
+    stats.update(value=masked_mean(roll["old_values"], mask).item(), explained_var=explained,
+                 returns=masked_mean(returns, mask).item())
+    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(mask))
+    return roll, stats
+
+
+def ppo_loss(ctx, args, mb):
+    mask = mb["completion_mask"].float()  # (B, N)
+    logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
+    loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
+                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg)
+    values = completion_scores(ctx["critic"], mb, args, shift=True)  # (B, N), with gradient into the critic
+    v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip)
+    metrics["value_loss"] = v_loss.detach()
+    metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
+    return loss + args.vf_coef * v_loss, metrics
+
+
+# -----------------------------------------------------------------------------------------------------------
+# on-policy: rft
+
+
+def setup_rft(args, policy, tok):
+    # not setup_grpo: RFT needs neither a reference nor a --reward scorer, only prompts and a generator
+    rows = read_rows(args, "rl", {"prompt": str, "answer": int})
+    return {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
+            "gen": torch.Generator(device=args.device).manual_seed(args.seed), "round": 0,
+            "steps_per_round": math.ceil(args.steps / args.rounds)}
+
+
+def rft_keep(prompts, texts, verdicts):
+    """The (prompt, completion) pairs worth imitating: verified correct (sample_groups already counts a
+    completion cut off before EOS as wrong), each distinct pair once, in order of first appearance."""
+    return list(dict.fromkeys((p, t) for p, t, v in zip(prompts, texts, verdicts) if v.correct))
+
+
+def rft_batch(ctx, args, step):
+    """Rejection-sampling fine-tuning: sample from the policy, keep what the verifier accepts, SFT on it.
+
+    Every steps / rounds steps a round begins: --round-prompts prompts, --group-size samples each from the
+    current policy; the verified-correct ones (deduplicated) replace the SFT set, and the steps until the next
+    round are plain SFT batches of it (lm_loss: the prompt is masked). A round that keeps nothing gives empty
+    batches.
+
+    Papers: STaR, Zelikman et al. 2022, arXiv 2203.14465 (iterate: sample, keep correct, fine-tune);
+    RFT, Yuan et al. 2023, arXiv 2308.01825 (k samples per problem, distinct correct paths); also called
+    expert iteration (Anthony et al. 2017) or ReST-EM (Singh et al. 2023, arXiv 2312.06585).
+
+    Differs from the paper:
+        1. Fine-tuning continues from the current weights, and each round's set replaces the previous one
+           (STaR and ReST-EM restart from the base model each iteration; RFT samples once, from the SFT
+           model).
+        2. Distinct by exact string (RFT compares the list of equations; here they are the same thing).
+        3. No rationalisation (STaR's retry with the answer as a hint for problems it failed).
+        4. A fixed number of steps per round instead of training each round to convergence.
+    """
+    tok, stats = ctx["tok"], {}
+    if step % ctx["steps_per_round"] == 0:
+        prompts, texts, verdicts = [], [], []
+        # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
+        for _ in range(math.ceil(args.round_prompts / args.batch_size)):
+            p, t, v, _ = sample_groups(ctx, args, tok)
+            prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
+        kept = rft_keep(prompts, texts, verdicts)
+        seqs = [prompt_ids(tok, p) + task.encode(tok, c) + [task.EOS] for p, c in kept]
+        ctx["data"] = {"seqs": seqs, "n_prompt": [len(prompt_ids(tok, p)) for p, _ in kept],
+                       "order": Shuffler(len(seqs), args.seed + step)}
+        ctx["round"] += 1
+        ctx["round_stats"] = {"round": ctx["round"], "kept_distinct": len(kept),
+                              "kept_frac": sum(v.correct for v in verdicts) / len(verdicts),
+                              "prompts_solved": len({p for p, _ in kept}) * args.group_size / len(prompts)}
+    stats.update(ctx["round_stats"])
+    if not ctx["data"]["seqs"]:
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return {"ids": empty, "labels": empty, "w": torch.zeros(0)}, stats  # the loop skips an empty batch
+    return lm_batch(ctx["data"], args, step), stats
+
+
+# -----------------------------------------------------------------------------------------------------------
+# process supervision: prm
+
+
+def setup_prm(args, policy, tok):
+    rows = read_rows(args, "rl", {"prompt": str, "answer": int})
+    ctx = {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
+           "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+    if args.prm_data == "samples" or args.prm_labels == "mc":
+        # the frozen init policy: it writes the training completions (the PRM must judge the steps and
+        # mistakes of the policy it will reward) and, with --prm-labels mc, the rollouts that estimate the
+        # labels
+        ctx["sampler"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
+    if args.prm_data == "pretrain":
+        texts = read_rows(args, "pretrain", {"text": str})
+        # "37+48-19=37+48=85;..." -> prompt up to and including the first '=', the rest is the completion
+        ctx["solutions"] = [(r["text"][:r["text"].index("=") + 1], r["text"][r["text"].index("=") + 1:])
+                            for r in texts]
+        ctx["order"] = Shuffler(len(ctx["solutions"]), args.seed)
+    # Held-out steps, drawn once (fixed seed) so that before and after see the same ones: completions of the
+    # same kind as the training data for the first --eval-problems held-out prompts, --eval-samples each: the
+    # init policy's samples, or noisy worked solutions.
+    problems = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+    prompts = [r["prompt"] for r in problems for _ in range(max(1, args.eval_samples))]
+    ctx["heldout"] = None
+    if prompts:
+        if args.prm_data == "pretrain":
+            rng = random.Random(0)
+            texts = [task.solution(task.parse_prompt(p), rng, task.PRETRAIN_ERROR_RATE) for p in prompts]
+            completions = [task.encode(tok, t) + [task.EOS] for t in texts]
+        else:
+            n = max(1, args.eval_samples)
+            _, texts, completions = solve(ctx["sampler"], tok, prompts[::n], n, args.temperature, args,
+                                          seed=0, return_ids=True)
+        # mc labels estimate "can the policy still reach the answer from here?", which are the prefix labels
+        verdicts = [verify_finished(p, t, c) for p, t, c in zip(prompts, texts, completions)]
+        labels = [v.prefix_labels if args.prm_labels == "mc" else v.step_labels for v in verdicts]
+        ctx["heldout"] = prm_rows(completion_rows(tok, prompts, completions, args.device), verdicts, labels)
+    return ctx
+
+
+def verify_finished(prompt, text, completion_ids):
+    """task.verify, with a completion that has no EOS (cut off at the length limit) counted as wrong."""
+    v = task.verify(prompt, text)
+    return dataclasses.replace(v, correct=v.correct and task.EOS in completion_ids)
+
+
+def completion_rows(tok, prompts, completions, device):
+    """Prompts (text) and completions (token ids, with their EOS if finished) -> the rollout tensors that
+    sample_groups() returns: left-padded prompts, right-padded completions, masks."""
+    prompt_ids_, prompt_mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts], task.PAD)  # (B, P) x2
+    roll = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask,
+            "completion_ids": pad_right(completions, task.PAD),  # (B, N)
+            "completion_mask": pad_right([[1] * len(c) for c in completions], 0)}  # (B, N)
+    return {k: v.to(device) for k, v in roll.items()}
+
+
+def prm_rows(roll, verdicts, labels):
+    """A rollout batch + per-step labels -> PRM training rows: the step end positions, their labels and mask.
+
+    labels[b] labels the ';'-steps of row b; the answer step (at the EOS) is labelled by the outcome.
+    """
+    ends, step_mask = step_positions(roll["completion_ids"], roll["completion_mask"])  # (B, S) each
+    rows = []
+    for b, (v, lab) in enumerate(zip(verdicts, labels)):
+        finished = bool((roll["completion_ids"][b] == task.EOS).any())
+        rows.append(list(lab) + [int(v.correct)] * finished)
+        # ';' tokens before the EOS are exactly the ';' characters of the decoded text the verifier read
+        assert len(rows[-1]) == int(step_mask[b].sum()), "step labels and step positions disagree"
+    step_labels = pad_right(rows + [[0] * ends.shape[1]], 0)[:-1].float().to(ends.device)  # (B, S)
+    out = {k: roll[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    out.update(step_ends=ends, step_labels=step_labels, step_mask=step_mask,
+               w=step_mask.sum(1))  # w: prm_loss is a mean over steps, so a row weighs its number of steps
+    return out
+
+
+@torch.no_grad()
+def sample_continuations(ctx, args, prompts, prefixes):
+    """Let the frozen init policy finish each prompt + prefix (a partial completion): full completion texts,
+    and whether each ended with EOS."""
+    tok, model, texts, finished = ctx["tok"], ctx["sampler"], [], []
+    for sl in chunks(len(prompts), 512):
+        ids = [prompt_ids(tok, p) + task.encode(tok, c) for p, c in zip(prompts[sl], prefixes[sl])]
+        max_new = min(args.max_new_tokens, model.config.max_seq_len - max(map(len, ids)))
+        with args.amp():
+            s = rollout.sample(model, ids, max_new, temperature=args.temperature, eos_id=task.EOS,
+                               generator=ctx["gen"])
+        for prefix, c in zip(prefixes[sl], s.completion_ids.tolist()):
+            texts.append(prefix + task.decode(tok, c))
+            finished.append(task.EOS in c)
+    return texts, finished
+
+
+def mc_step_labels(prompts, texts, verdicts, complete, n):
+    """Math-Shepherd hard-estimate step labels: step k of a completion is 1 iff at least one of n completions
+    continued from the prefix that ends with step k's ';' reaches the right answer (and ends with EOS).
+
+    complete(prompts, prefixes) -> (full completion texts, finished flags) does the continuing; in posttrain
+    it is sample_continuations (the frozen init policy), in the tests an oracle. Returns one label list per
+    row.
+    """
+    jobs = [(i, t[:end + 1]) for i, (t, v) in enumerate(zip(texts, verdicts)) for end in v.step_ends]
+    labels = [[] for _ in texts]
+    if not jobs:
+        return labels
+    reps = [job for job in jobs for _ in range(n)]  # n consecutive copies of each prefix
+    full, finished = complete([prompts[i] for i, _ in reps], [prefix for _, prefix in reps])
+    hits = [done and task.verify(prompts[i], t).correct for (i, _), t, done in zip(reps, full, finished)]
+    for k, (i, _) in enumerate(jobs):
+        labels[i].append(int(any(hits[k * n:(k + 1) * n])))
+    return labels
+
+
+def prm_batch(ctx, args, step):
+    """Process reward model: a score head trained to say, at each step's end token, whether the step is right.
+
+    Rows: --batch-size prompts x --group-size completions, fresh each step, sampled from the frozen init
+    policy on rl.jsonl prompts (--prm-data samples; the PRM then knows the policy's own mistakes), or the
+    noisy worked solutions of pretrain.jsonl (--prm-data pretrain: cheap, and every label is clean). Labels
+    (--prm-labels): the verifier's local step labels (is this step right given what is written before it?), or
+    Math-Shepherd Monte-Carlo labels (can the init policy still reach the right answer from here?
+    --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by the outcome. Loss:
+    prm_loss (BCE per step).
+
+    Papers: Lightman et al. 2023, arXiv 2305.20050 (PRM800K: per-step correctness); Math-Shepherd, Wang et al.
+    2023, arXiv 2312.08935 (labels from rollouts: hard estimate = any of N reaches the answer, Sec. 3.2).
+
+    Differs from the paper:
+        1. A scalar score head with binary cross-entropy, not the LM predicting a label token (see
+           losses/prm.py).
+        2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has
+           human labels, Math-Shepherd's "still reaches the answer" labels are what --prm-labels mc estimates.
+        3. Math-Shepherd's completer is a separately fine-tuned model with N = 8; ours is the init policy
+           itself with --mc-rollouts (default 4), and only the hard estimate.
+        4. The answer is a separate step labelled by the outcome; Math-Shepherd's last step holds the answer.
+        5. Fresh completions every step (no fixed dataset, no epochs).
+    """
+    tok = ctx["tok"]
+    if args.prm_data == "pretrain":
+        rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
+        prompts, texts = [p for p, _ in rows], [t for _, t in rows]
+        verdicts = [task.verify(p, t) for p, t in rows]
+        roll = completion_rows(tok, prompts, [task.encode(tok, t) + [task.EOS] for t in texts], args.device)
+    else:
+        # sample_groups samples from ctx["policy"], here the PRM in training: hand it the frozen init instead
+        prompts, texts, verdicts, roll = sample_groups({**ctx, "policy": ctx["sampler"]}, args, tok)
+        ctx["sampler"].eval()  # sample_groups hands its model back in train mode
+    if args.prm_labels == "mc":
+        labels = mc_step_labels(prompts, texts, verdicts, lambda p, c: sample_continuations(ctx, args, p, c),
+                                args.mc_rollouts)
+    else:
+        labels = [v.step_labels for v in verdicts]
+    batch = prm_rows(roll, verdicts, labels)
+    step_mask = batch["step_mask"].float()  # (B, S)
+    stats = {"outcome": sum(v.correct for v in verdicts) / len(verdicts),
+             "steps": step_mask.sum(1).mean().item(),
+             "label_base_rate": masked_mean(batch["step_labels"], step_mask).item()}
+    return batch, stats
+
+
+def prm_loss_fn(ctx, args, mb):
+    scores = completion_scores(ctx["policy"], mb, args)  # (B, N): no shift, a step is judged at its end token
+    step_logits = scores.gather(1, mb["step_ends"])  # (B, S)
+    loss = prm_loss(step_logits, mb["step_labels"], mb["step_mask"])
+    acc = masked_mean(((step_logits > 0).float() == mb["step_labels"]).float(), mb["step_mask"])
+    return loss, {"step_acc": acc.detach()}
+
+
+@torch.no_grad()
+def prm_evaluate(ctx, args):
+    """Held-out PRM accuracy at threshold 0.5, on the ';'-steps and on the answer step separately.
+
+    prm_step_base_rate is the fraction of right steps: always answering "right" scores max(base, 1 - base),
+    and balanced accuracy (mean of the accuracies on right and on wrong steps) is 0.5 for any constant guess.
+    """
+    batch = ctx["heldout"]
+    if batch is None:
+        return {}
+    ctx["policy"].eval()
+    logits = chunked_scores(ctx["policy"], batch, args).gather(1, batch["step_ends"])  # (B, S)
+    ctx["policy"].train()
+    valid = batch["step_mask"].bool()  # (B, S)
+    pred, label = (logits > 0)[valid], batch["step_labels"].bool()[valid]  # (K,) over all held-out steps
+    answer = (batch["completion_ids"].gather(1, batch["step_ends"]) == task.EOS)[valid]  # (K,) answer steps
+
+    def acc(sel):
+        return (pred[sel] == label[sel]).float().mean().item() if bool(sel.any()) else float("nan")
+
+    step = ~answer
+    return {"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
+            "prm_step_base_rate": label[step].float().mean().item(), "prm_answer_acc": acc(answer)}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# consolidation: distill
+#
+# A smaller student learns a trained teacher's next-token distributions. The student starts from its own
+# small pretrain: the STAGES row "pretrain-small" runs the pretrain stage's code with a smaller default model
+# (2 layers, width 64, instead of 4 and 128) into OUT_DIR/pretrain-small, built on demand like any other init.
+
+
+def setup_distill(args, policy, tok):
+    """Stage distill: token-level knowledge distillation of a trained teacher into a smaller student.
+
+    --distill-mode picks who writes the sequences and the divergence taken at each of their completion tokens:
+        forward   teacher samples, KL(teacher || student): sequence-level KD (Kim & Rush 2016, arXiv
+                  1606.07947) with Hinton et al.'s soft targets (arXiv 1503.02531) at every token. Off-policy.
+        reverse   teacher samples, KL(student || teacher). Off-policy.
+        jsd       teacher samples, the generalized JSD(--jsd-beta) of GKD (Agarwal et al. 2023, arXiv
+                  2306.13649, eq. 1). Off-policy.
+        onpolicy  the student's own samples, scored by the teacher with JSD(--jsd-beta): GKD with lambda = 1,
+                  on-policy distillation (--jsd-beta 1: per-token reverse KL, MiniLLM's objective token-wise).
+    Role: consolidation (behaviour moves from a big model into a small one). Loss at initialisation, were the
+    student the teacher: exactly 0 in every mode.
+
+    Differs from the papers:
+        1. Sequences are sampled afresh every step at --temperature (--batch-size prompts x --group-size
+           samples), not decoded once into a fixed corpus (Kim & Rush decode once, with beam search).
+        2. GKD mixes student and fixed-data sequences with probability lambda per batch; a run here is all
+           teacher samples or all student samples.
+        3. The student starts from its own small pretrain, not from a supervised fine-tuned student as in GKD.
+        4. No temperature on the loss and no hard-label term (tau = 1, hence no tau^2 factor).
+    """
+    if args.teacher is None:
+        args.teacher = args.stage_output("grpo")  # OUT_DIR/grpo, trained first if missing
+    teacher = load_model(args.teacher, args.device).eval().requires_grad_(False)
+    if teacher.config.vocab_size != policy.config.vocab_size:
+        sys.exit(f"posttrain: error: teacher {args.teacher} has vocabulary {teacher.config.vocab_size}, "
+                 f"the student {policy.config.vocab_size}; distillation needs one vocabulary")
+    print(f"[distill] teacher {args.teacher}: {teacher.num_params() / 1e6:.2f}M parameters, "
+          f"student {policy.num_params() / 1e6:.2f}M; mode {args.distill_mode}")
+    prompts = [r["prompt"] for r in read_rows(args, "rl", {"prompt": str, "answer": int})]
+    return {"teacher": teacher, "prompts": prompts, "order": Shuffler(len(prompts), args.seed),
+            "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+
+
+def distill_batch(ctx, args, step):
+    # Who writes the sequences is the whole difference between off- and on-policy distillation: sample_groups
+    # samples from ctx["policy"], so the off-policy modes hand it the teacher in that slot.
+    sampler = ctx["policy"] if args.distill_mode == "onpolicy" else ctx["teacher"]
+    _, _, verdicts, roll = sample_groups({**ctx, "policy": sampler}, args, ctx["tok"])
+    ctx["teacher"].eval()  # sample_groups hands its sampler back in train mode (no dropout here, but still)
+    del roll["sampler_logps"]
+    roll["w"] = roll["completion_mask"].sum(1)  # (B,) tokens per row: the loss is a token mean over the batch
+    stats = {"sample_reward": sum(v.correct for v in verdicts) / len(verdicts),
+             "len": roll["completion_mask"].float().sum(1).mean().item()}
+    return roll, stats
+
+
+def distill_loss(ctx, args, mb):
+    mask = mb["completion_mask"].float()  # (B, N)
+    _, logits = completion_forward(ctx["policy"], mb, args)  # (B, N, V) the student, at completion positions
+    with torch.no_grad():
+        _, teacher_logits = completion_forward(ctx["teacher"], mb, args)  # (B, N, V) the same positions
+    if args.distill_mode in ("forward", "reverse"):
+        loss = kl_distill_loss(logits, teacher_logits, mask, direction=args.distill_mode)
+    else:
+        loss = generalized_jsd_loss(logits, teacher_logits, mask, beta=args.jsd_beta)
+    # the forward KL in every mode, so that runs of different modes compare on one number
+    kl_forward = kl_distill_loss(logits.detach(), teacher_logits, mask, direction="forward")
+    return loss, {"kl_forward": kl_forward.item()}
+
+
+def distill_evaluate(ctx, args):
+    """The teacher's held-out pass@1 (computed once: it does not change) and both parameter counts."""
+    if "teacher_eval" not in ctx:
+        problems = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+        ev = evaluate(ctx["teacher"], ctx["tok"], problems, args) if problems else {}
+        ctx["teacher"].eval()  # evaluate() hands models back in train mode
+        ctx["teacher_eval"] = {f"teacher_{k}": sum(v) / len(v) for k, v in ev.items()}
+        ctx["teacher_eval"].update(teacher_params=float(ctx["teacher"].num_params()),
+                                   student_params=float(ctx["policy"].num_params()))
+    return dict(ctx["teacher_eval"])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# eval stage and pipelines
+#
+# The eval stage trains nothing, so it is a STAGES row with a `run` in place of setup / make_batch / loss:
+# main() calls run_eval where a training stage goes through train_stage. After a pipeline of several training
+# stages, main() runs the same evaluation over every stage's output (eval_pipeline).
+
+EVAL_SPLITS = ("test", "test_ood")  # held out: the training distribution, and chains longer than any trained
+
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, arXiv 2107.03374).
+
+    pass@k = 1 - C(n - c, k) / C(n, k): the chance that k of the n samples, drawn without replacement,
+    include a correct one. Computed as the numerically stable product of the paper's Figure 3,
+    1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the huge binomials. It is 1 when n - c < k (every
+    k-subset holds a correct sample) and 0 when c = 0.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def support_change(before, after):
+    """Problems gained (solved by `after` at least once, never by `before`), lost (the reverse), kept (both).
+
+    before, after: (P,) bool, whether each problem was solved at least once in n samples.
+    """
+    return {"gained": int((after & ~before).sum()), "lost": int((before & ~after).sum()),
+            "kept": int((before & after).sum())}
+
+
+def kl_estimate(p_seq_logps, q_seq_logps):
+    """Monte-Carlo KL(p || q) and its standard error from B sequences sampled from p.
+
+    KL(p || q) = E_{y ~ p}[log p(y) - log q(y)], estimated by the mean over the samples of the per-sequence
+    log-ratio, each the sum of the per-token log-ratios over the completion. p_seq_logps, q_seq_logps: (B,)
+    summed log-probs of the same samples. An estimate: it can come out slightly negative for p and q close.
+    """
+    log_ratio = p_seq_logps - q_seq_logps  # (B,)
+    se = log_ratio.std().item() / math.sqrt(len(log_ratio)) if len(log_ratio) > 1 else 0.0
+    return log_ratio.mean().item(), se
+
+
+@torch.no_grad()
+def score_samples(model, tok, prompts, completions, args, batch_rows=256):
+    """Summed log-probs (B,), summed token entropies (B,) and token counts (B,) of given completions (B
+    token-id lists, one per prompt) under model, of logits / args.temperature (the eval sets it to 1)."""
+    seq_logps, entropy, n_tokens = [], [], []
+    for i in range(0, len(prompts), batch_rows):
+        chunk = completions[i:i + batch_rows]
+        ids, mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts[i:i + batch_rows]], task.PAD,
+                                     args.device)  # (b, P) left padded, as the sampler had them
+        mb = {"prompt_ids": ids, "prompt_mask": mask,
+              "completion_ids": pad_right(chunk, task.PAD).to(args.device),  # (b, N)
+              "completion_mask": pad_right([[1] * len(c) for c in chunk], 0).to(args.device)}  # (b, N)
+        logps, logits = completion_forward(model, mb, args)  # (b, N), (b, N, V)
+        real = mb["completion_mask"] == 1  # (b, N)
+        seq_logps.append(logps.masked_fill(~real, 0.0).sum(1).cpu())
+        entropy.append(entropy_from_logits(logits).masked_fill(~real, 0.0).sum(1).cpu())
+        n_tokens.append(real.sum(1).cpu())
+    return torch.cat(seq_logps), torch.cat(entropy), torch.cat(n_tokens)
+
+
+def eval_split(model, tok, problems, args):
+    """One model on one split: greedy, n samples per problem, pass@k, token entropy on its own samples.
+
+    Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
+    """
+    prompts, n = [r["prompt"] for r in problems], args.eval_n
+    greedy, _ = solve(model, tok, prompts, 1, 0.0, args, seed=0)  # (P, 1)
+    # every model samples with the same seed (common random numbers): differences between models then reflect
+    # the models more than the luck of the draw
+    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0, return_ids=True)  # (P, n)
+    rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
+    seq_logps, entropy, n_tokens = score_samples(model, tok, rows, completions, args)  # 3 x (P * n,)
+    counts = correct.sum(1).tolist()  # per problem: correct samples out of n
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})  # 1, 2, 4, ..., n
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
+    out["greedy"] = greedy.float().mean().item()
+    out["entropy"] = entropy.sum().item() / max(1, n_tokens.sum().item())  # mean over all sampled tokens
+    out.update(counts=counts, greedy_correct=greedy[:, 0].int().tolist())
+    return out, {"prompts": rows, "completions": completions, "seq_logps": seq_logps}
+
+
+def eval_checkpoints(args, folders, base):
+    """The base, then each folder in order, on EVAL_SPLITS, one model in memory at a time -> a JSON dict."""
+    tok = task.load_tokenizer()
+    fields = {"prompt": str, "answer": int}
+    problems = {s: read_rows(args, s, fields)[:args.eval_problems] for s in EVAL_SPLITS}
+    results, base_samples = [], {}
+    for folder in [base] + [f for f in folders if f != base]:
+        t0 = time.time()
+        model = load_model(folder, args.device, score_head=False).eval()
+        name = os.path.basename(os.path.normpath(folder))
+        rec = {"name": name, "path": folder, "params": model.num_params()}
+        for split, rows in problems.items():
+            out, samples = eval_split(model, tok, rows, args)
+            if not results:  # this is the base: keep its samples, KL from it is measured on them
+                base_samples[split] = samples
+            ref = base_samples[split]
+            if results:
+                # KL(base || model): the model's log-probs of what the base wrote, against the base's own
+                model_lp = score_samples(model, tok, ref["prompts"], ref["completions"], args)[0]  # (P * n,)
+            else:
+                model_lp = samples["seq_logps"]  # the base against itself: the same numbers, KL exactly 0
+            out["kl_base"], out["kl_base_se"] = kl_estimate(ref["seq_logps"], model_lp)
+            solved = torch.tensor(out["counts"]) > 0  # (P,) solved at least once in n samples
+            base_solved = torch.tensor(results[0][split]["counts"] if results else out["counts"]) > 0
+            prev_solved = torch.tensor(results[-1][split]["counts"] if results else out["counts"]) > 0
+            out["vs_base"] = support_change(base_solved, solved)
+            out["vs_prev"] = support_change(prev_solved, solved)
+            rec[split] = out
+        rec["seconds"] = time.time() - t0
+        print(f"[eval] {rec['name']}: {rec['seconds']:.0f}s", flush=True)
+        results.append(rec)
+        del model
+    return {"base": results[0]["path"], "n": args.eval_n,
+            "problems": {s: len(r) for s, r in problems.items()}, "checkpoints": results}
+
+
+def print_eval_table(res):
+    for split in EVAL_SPLITS:
+        rows = res["checkpoints"]
+        ks = [key for key in rows[0][split] if key.startswith("pass@")]
+        print(f"[eval] {split}: {res['problems'][split]} problems, n={res['n']} samples each at T=1 "
+              f"(unbiased pass@k) and greedy; +gained/-lost/=kept: problems solved at least once vs never")
+        print(f"{'checkpoint':<20}{'params':>7}" + "".join(f"{k:>9}" for k in ks)
+              + f"{'greedy':>8}{'vs base +/-/=':>16}{'vs prev +/-':>13}{'KL(base||ckpt)':>17}{'entropy':>9}")
+        for i, r in enumerate(rows):
+            o, vb, vp = r[split], r[split]["vs_base"], r[split]["vs_prev"]
+            name = r["name"] + (" (base)" if i == 0 else "")
+            cells = [f"{name:<20}{r['params'] / 1e6:6.2f}M", *(f"{100 * o[k]:8.1f}%" for k in ks),
+                     f"{100 * o['greedy']:7.1f}%", f"+{vb['gained']}/-{vb['lost']}/={vb['kept']}".rjust(16),
+                     f"+{vp['gained']}/-{vp['lost']}".rjust(13),
+                     f"{o['kl_base']:.2f} ±{o['kl_base_se']:.2f}".rjust(17), f"{o['entropy']:9.3f}"]
+            print("".join(cells))
+
+
+def is_scorer(folder):
+    """Whether a checkpoint folder holds a scorer (reward or value model) rather than a generator."""
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f).get("score_head", False)
+
+
+def run_eval(user_args, name):
+    """Stage eval: held-out pass@k, greedy accuracy, support gained / lost, KL against a base. Trains nothing.
+
+    For each checkpoint, on test and test_ood (--eval-problems each): greedy accuracy; --eval-n samples per
+    problem at T = 1 and the unbiased pass@k of Chen et al. 2021 (arXiv 2107.03374) for k = 1, 2, 4, ..., n;
+    problems gained (solved at least once, never by the base in its n samples), lost (the reverse) and kept,
+    against the base and against the row above (in a pipeline, the previous stage); KL(base || checkpoint)
+    estimated on the base's samples; the checkpoint's mean token entropy on its own samples. Prints a table
+    and writes OUT_DIR/eval.json (or --eval-out). Scorers (reward models) are skipped: they generate nothing.
+
+    Differs from the papers:
+        1. "Gained / lost" asks the survey's support-expansion question the way Yue et al. 2025 (arXiv
+           2504.13837) do with pass@k, but with n = --eval-n samples, far fewer than their k up to 256: a
+           problem the base "never" solves may just be rare for it. Read small counts with that in mind.
+        2. The KL is a sequence-level Monte-Carlo estimate over completions cut at --max-new-tokens.
+    """
+    args = stage_args(user_args, name)
+    args.temperature = 1.0  # samples, log-probs, KL and entropy are all of the T = 1 distribution
+    folders = args.ckpt or [os.path.join(args.out_dir, s) for s in STAGES
+                            if os.path.exists(os.path.join(args.out_dir, s, "config.json"))]
+    for f in folders:
+        if not os.path.exists(os.path.join(f, "config.json")):
+            sys.exit(f"posttrain: error: --ckpt {f}: no config.json, not a checkpoint folder")
+    scorers = [f for f in folders if is_scorer(f)]
+    if scorers:
+        print(f"[eval] skipping scorers (they generate nothing): {', '.join(scorers)}")
+    folders = [f for f in folders if f not in scorers]
+    pretrain = os.path.join(args.out_dir, "pretrain")
+    base = args.base or (pretrain if os.path.exists(os.path.join(pretrain, "config.json")) else None)
+    base = base or (folders[0] if folders else None)
+    if base is None:
+        sys.exit(f"posttrain: error: eval found no checkpoint in {args.out_dir}; name them with --ckpt")
+    res = eval_checkpoints(args, folders, base)
+    print_eval_table(res)
+    out = args.eval_out or os.path.join(args.out_dir, "eval.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(out + ".tmp", out)  # atomic, like the checkpoints
+    print(f"[eval] wrote {out}")
+    return out
+
+
+def eval_pipeline(user_args, outputs):
+    """After a multi-stage run: every stage's output, in order, against the first stage's init (for a
+    pipeline that starts from scratch, its first output). "vs prev" compares each stage with the previous."""
+    with open(os.path.join(outputs[0], "args.json")) as f:
+        first_init = json.load(f).get("init")
+    args = argparse.Namespace(**{**vars(user_args), "ckpt": list(outputs), "base": first_init or outputs[0]})
+    return run_eval(args, "eval")
+
+
+# -----------------------------------------------------------------------------------------------------------
 # the table of stages
 
 
@@ -433,6 +1515,8 @@ class Stage:
     defaults: dict = field(default_factory=dict)  # the stage's values for flags left unset
     score_head: bool = False  # the trained model is a scalar scorer (reward model, PRM), not a generator
     evaluate: Callable | None = None  # (ctx, args) -> dict: the stage's own held-out check (e.g. RM accuracy)
+    pipeline_input: str = "init"  # the flag a pipeline sets to the previous stage's output (distill: teacher)
+    run: Callable | None = None  # (user_args, name): a stage that trains nothing (eval) runs this, not the loop
 
 
 def lm_stage_batch(ctx, args, step):
@@ -441,15 +1525,44 @@ def lm_stage_batch(ctx, args, step):
 
 STAGES = {
     "pretrain": Stage("off-policy", "support (base model)", None, setup_pretrain, lm_stage_batch, lm_loss,
-                      "policy", dict(steps=1500, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100,
-                                     ppo_epochs=1, log_every=100)),
+                      "policy", dict(steps=600, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100,
+                                     ppo_epochs=1, log_every=100, n_layer=4, n_embd=128)),
     "sft": Stage("off-policy", "support expansion", "pretrain", setup_sft, lm_stage_batch, lm_loss,
-                 "policy", dict(steps=400, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=20,
+                 "policy", dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=20,
                                 ppo_epochs=1, log_every=50)),
     "grpo": Stage("on-policy", "policy reshaping", "sft", setup_grpo, grpo_batch, grpo_loss,
                   "policy, reference (if --kl-coef > 0)",
-                  dict(steps=60, lr=1e-4, batch_size=16, micro_batch_size=64, warmup=0, ppo_epochs=2,
+                  dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2,
                        kl_coef=0.0, dynamic_sampling=True, log_every=5)),
+    "ppo": Stage("on-policy", "policy reshaping", "sft", setup_ppo, ppo_batch, ppo_loss,
+                 "policy, critic (trained), reference (if --kl-coef > 0), RM / PRM (with --reward)",
+                 dict(steps=60, lr=1e-4, batch_size=16, micro_batch_size=64, warmup=0, ppo_epochs=2,
+                      kl_coef=0.05, log_every=5)),
+    "rft": Stage("on-policy", "policy reshaping", "sft", setup_rft, rft_batch, lm_loss, "policy",
+                 dict(steps=60, lr=1e-4, batch_size=64, micro_batch_size=64, warmup=0, ppo_epochs=1,
+                      log_every=5)),
+    "prm": Stage("off-policy (samples of the frozen init)", "reward for policy reshaping (process)", "sft",
+                 setup_prm, prm_batch, prm_loss_fn, "PRM (policy body + score head), frozen init policy",
+                 dict(steps=300, lr=3e-4, batch_size=16, micro_batch_size=64, warmup=10, ppo_epochs=1,
+                      log_every=25), score_head=True, evaluate=prm_evaluate),
+    "dpo": Stage("off-policy", "policy reshaping", "sft", setup_dpo, pair_stage_batch, dpo_stage_loss,
+                 "policy (reference log-probs precomputed at setup)",
+                 dict(steps=100, lr=1e-4, batch_size=32, micro_batch_size=32, warmup=10, ppo_epochs=1,
+                      log_every=10), evaluate=dpo_evaluate),
+    "rm": Stage("off-policy", "reward for policy reshaping", "sft", setup_rm, pair_stage_batch, rm_loss,
+                "reward model (policy body + score head)",
+                dict(steps=400, lr=3e-4, batch_size=32, micro_batch_size=32, warmup=20, ppo_epochs=1,
+                     log_every=50), score_head=True, evaluate=rm_evaluate),
+    "pretrain-small": Stage("off-policy", "support (the student's base model)", None, setup_pretrain,
+                            lm_stage_batch, lm_loss, "policy",
+                            dict(steps=1200, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100,
+                                 ppo_epochs=1, log_every=100, n_layer=2, n_embd=64)),
+    "distill": Stage("off-policy (teacher samples) or on-policy (--distill-mode onpolicy)", "consolidation",
+                     "pretrain-small", setup_distill, distill_batch, distill_loss, "student, frozen teacher",
+                     dict(steps=200, lr=1e-3, batch_size=8, micro_batch_size=64, warmup=10, ppo_epochs=1,
+                          log_every=20), evaluate=distill_evaluate, pipeline_input="teacher"),
+    "eval": Stage("none (trains nothing)", "measurement", None, None, None, None,
+                  "one checkpoint at a time", run=run_eval),
 }
 
 
@@ -482,6 +1595,9 @@ def train_stage(user_args, name):
     # --- the policy: from --init, from the previous stage's output, or from scratch
     if args.init is None and stage.init is not None:
         args.init = ensure_stage_output(user_args, stage.init)
+    # frozen models a stage reads besides its init (distill's teacher; grpo --reward prm: OUT_DIR/prm): its
+    # setup() fetches them with args.stage_output(name), built first if missing, like the init
+    args.stage_output = lambda needed: ensure_stage_output(user_args, needed)
     args.init_folder = args.init
     if args.init is not None:
         print(f"[{name}] init from {args.init}")
@@ -578,10 +1694,19 @@ def main(argv=None):
     args.amp = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if bf16 else nullcontext
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     os.makedirs(args.out_dir, exist_ok=True)
-    for i, n in enumerate(names):
-        if i > 0:
-            args.init = os.path.join(args.out_dir, names[i - 1])  # a pipeline: each stage from the previous
-        train_stage(args, n)
+    outputs = []  # the folders the training stages wrote, in order
+    for n in names:
+        stage = STAGES[n]
+        if stage.run is not None:
+            stage.run(args, n)  # a stage that trains nothing (eval)
+            continue
+        if outputs:
+            # a pipeline: each stage starts from the previous stage's output (distill distils it: its teacher)
+            args.init = None
+            setattr(args, stage.pipeline_input, outputs[-1])
+        outputs.append(train_stage(args, n))
+    if len(outputs) > 1 and args.pipeline_eval:
+        eval_pipeline(args, outputs)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ a flag, all held in FILES below):
     file             fields                          split  lines   operands   what for
     pretrain.jsonl   text (= prompt + completion)    train  60000   2..6       base model; noisy: 30% of
                                                                               solutions contain a mistake
-    sft.jsonl        prompt, completion              train  20000   2..4       clean demonstrations
-    rl.jsonl         prompt, answer (int)            train   5000   4..6       RL prompts, harder than SFT
+    sft.jsonl        prompt, completion              train  20000   2..5       clean demonstrations, short of
+                                                                              the longest pretraining chains
+    rl.jsonl         prompt, answer (int)            train   5000   5..6       RL prompts: the longest chains,
+                                                                              where the SFT model is weakest
     pairs.jsonl      prompt, chosen, rejected        train   5000   2..6       chosen clean, rejected wrong
     test.jsonl       prompt, answer (int)            test     500   2..6       in-distribution held out
     test_ood.jsonl   prompt, answer (int)            test     500   7..8       longer than any training chain
@@ -452,8 +454,8 @@ class FileSpec:
 PROMPT_ANSWER = {"prompt": str, "answer": int}
 FILES = {
     "pretrain": FileSpec(60_000, Difficulty(2, 6), "train", {"text": str}),
-    "sft": FileSpec(20_000, Difficulty(2, 4), "train", {"prompt": str, "completion": str}),
-    "rl": FileSpec(5_000, Difficulty(4, 6), "train", PROMPT_ANSWER),
+    "sft": FileSpec(20_000, Difficulty(2, 5), "train", {"prompt": str, "completion": str}),
+    "rl": FileSpec(5_000, Difficulty(5, 6), "train", PROMPT_ANSWER),
     "pairs": FileSpec(5_000, Difficulty(2, 6), "train", {"prompt": str, "chosen": str, "rejected": str}),
     "test": FileSpec(500, Difficulty(2, 6), "test", PROMPT_ANSWER),
     "test_ood": FileSpec(500, Difficulty(7, 8), "test", PROMPT_ANSWER),

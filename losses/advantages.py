@@ -33,8 +33,8 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     almost all right or all wrong).
 
     Args:
-        rewards:      (B,) one scalar reward per completion; the G completions of one prompt are CONSECUTIVE rows
-                      (rows 0..G-1 are prompt 0, rows G..2G-1 prompt 1, ...).
+        rewards:      (B,) one scalar reward per completion; the G completions of one prompt are CONSECUTIVE
+                      rows (rows 0..G-1 are prompt 0, rows G..2G-1 prompt 1, ...).
         group_size:   G >= 2; B must be a multiple of G (ValueError otherwise, saying which).
         scale_by_std: True for GRPO, False for Dr. GRPO.
         eps:          added to the std (not the variance). verl uses 1e-6, TRL 1e-4, OpenRLHF 1e-9.
@@ -53,8 +53,9 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     _check_groups(rewards.size(0), group_size, "group_advantages")
     r = rewards.detach().float().reshape(-1, group_size)  # (B/G, G)
     centered = r - r.mean(dim=-1, keepdim=True)  # (B/G, G)
-    # Equal rewards need not give r - mean = 0 after rounding: in fp32 three rewards of 0.9 have a mean 6e-8 off,
-    # and (6e-8) / (0 + 1e-6) is a spurious advantage of 0.06 for a group with no signal. Zero such groups.
+    # Equal rewards need not give r - mean = 0 after rounding: in fp32 three rewards of 0.9 have a mean 6e-8
+    # off, and (6e-8) / (0 + 1e-6) is a spurious advantage of 0.06 for a group with no signal. Zero such
+    # groups.
     all_equal = (r == r[:, :1]).all(dim=-1, keepdim=True)  # (B/G, 1)
     centered = centered.masked_fill(all_equal, 0.0)  # (B/G, G)
     if scale_by_std:
@@ -95,7 +96,8 @@ def rloo_advantages(rewards, group_size):
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalized Advantage Estimation over the valid tokens of each sequence, skipping masked positions.
 
-    Objective, over the valid tokens t_1 < t_2 < ... < t_n of a sequence (masked positions do not exist for it):
+    Objective, over the valid tokens t_1 < t_2 < ... < t_n of a sequence (masked positions do not exist
+    for it):
         delta_k = r_{t_k} + gamma * V_{t_{k+1}} - V_{t_k},        V_{t_{n+1}} = 0 (the episode ends at t_n)
         A_k     = delta_k + gamma * lam * A_{k+1},                A_{n+1} = 0
         returns = A + V
@@ -105,13 +107,14 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     arXiv 1707.06347, eqs. 11-12).
 
     Why "skip", concretely (PITFALLS item 6): a masked position (padding, or a tool/observation token in a
-    multi-turn rollout) has no action of the policy, so its reward and value are ignored and the carry (the next
-    valid value and the next valid advantage) passes straight through it to the previous valid token, with no
-    extra discount. A huge junk value at a masked slot therefore changes nothing, and nothing after the last
-    valid token leaks into the sequence: the bootstrap value after the last valid token is 0.
+    multi-turn rollout) has no action of the policy, so its reward and value are ignored and the carry (the
+    next valid value and the next valid advantage) passes straight through it to the previous valid token,
+    with no extra discount. A huge junk value at a masked slot therefore changes nothing, and nothing after
+    the last valid token leaks into the sequence: the bootstrap value after the last valid token is 0.
 
     Args:
-        rewards: (B, T) per-token rewards (e.g. the outcome score on the last valid token, minus beta * k1 KL).
+        rewards: (B, T) per-token rewards (e.g. the outcome score on the last valid token, minus beta * k1
+                 KL).
         values:  (B, T) V(s_t) from the value model at rollout time.
         mask:    (B, T) 1 on the tokens that are actions of the policy.
         gamma:   discount (1.0 is usual for LLMs: the episode is one response).
@@ -172,8 +175,8 @@ def process_advantages(step_rewards, step_ends, step_mask, group_size, seq_len, 
         eps:          added to the std (1e-6, as group_advantages).
 
     Returns:
-        (B, T) fp32, detached. A group whose valid step rewards are all equal (or that has a single valid step)
-        gets exactly 0 everywhere.
+        (B, T) fp32, detached. A group whose valid step rewards are all equal (or that has a single valid
+        step) gets exactly 0 everywhere.
 
     Value at initialisation: n/a.
 
@@ -203,8 +206,8 @@ def process_advantages(step_rewards, step_ends, step_mask, group_size, seq_len, 
     hi = r_g.masked_fill(~valid_g, -big).amax(dim=-1, keepdim=True)  # (B/G, 1)
     normed = normed.masked_fill(lo == hi, 0.0).reshape(B, S)  # (B, S)
 
-    # --- spread over tokens: put each step's normalised reward on its end token, then a REVERSE cumulative sum
-    # gives at token t the sum over all steps ending at or after t.
+    # --- spread over tokens: put each step's normalised reward on its end token, then a REVERSE cumulative
+    # sum gives at token t the sum over all steps ending at or after t.
     ends = step_ends.long().masked_fill(~valid, 0)  # (B, S); padding steps add 0 at index 0
     at_end = normed.new_zeros(B, seq_len)  # (B, T)
     at_end.scatter_add_(1, ends, normed.masked_fill(~valid, 0.0))  # (B, T)

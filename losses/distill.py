@@ -1,8 +1,8 @@
-"""Distillation losses on full next-token distributions: token-level KL (forward or reverse) and the generalized
-Jensen-Shannon divergence of GKD.
+"""Distillation losses on full next-token distributions: token-level KL (forward or reverse) and the
+generalized Jensen-Shannon divergence of GKD.
 
-Both take the student's and teacher's logits at the SAME positions (B, T, V) (already shifted by the caller: the
-logits that predict the completion tokens) and a (B, T) mask, and return a masked token mean.
+Both take the student's and teacher's logits at the SAME positions (B, T, V) (already shifted by the caller:
+the logits that predict the completion tokens) and a (B, T) mask, and return a masked token mean.
 Shapes: B batch, T time, V vocab.
 """
 
@@ -20,7 +20,8 @@ def _kl(logp, logq):
     """KL(p || q) = sum_v p_v (log p_v - log q_v) over the last axis, from log-probs. (B, T, V) -> (B, T)."""
     p = logp.exp()  # (B, T, V)
     # Where p_v = 0 (a teacher that puts -inf on a vocabulary entry) the term is 0 by convention, but
-    # p * (log p - log q) would be 0 * -inf = NaN. Zeroing the difference there keeps value and gradient finite.
+    # p * (log p - log q) would be 0 * -inf = NaN. Zeroing the difference there keeps value and gradient
+    # finite.
     diff = (logp - logq).masked_fill(p == 0, 0.0)  # (B, T, V)
     return (p * diff).sum(dim=-1)  # (B, T)
 
@@ -29,13 +30,13 @@ def kl_distill_loss(student_logits, teacher_logits, mask, direction="forward", t
     """Token-level KL between teacher and student next-token distributions, masked mean over tokens.
 
     Objective, with p_T = softmax(teacher_logits / tau), p_S = softmax(student_logits / tau) at each position:
-        direction="forward": KL(p_T || p_S) = sum_v p_T (log p_T - log p_S)    (mode-covering; Hinton-style KD)
-        direction="reverse": KL(p_S || p_T) = sum_v p_S (log p_S - log p_T)    (mode-seeking; MiniLLM, GKD beta=1)
+        direction="forward": KL(p_T || p_S) = sum_v p_T (log p_T - log p_S)   (mode-covering; Hinton KD)
+        direction="reverse": KL(p_S || p_T) = sum_v p_S (log p_S - log p_T)   (mode-seeking; GKD beta=1)
         L = masked mean over valid tokens.
 
-    Papers: Hinton, Vinyals & Dean 2015, arXiv 1503.02531 (soft targets at temperature tau); token-level forward
-    and reverse KL for LMs as in GKD (Agarwal et al. 2023, arXiv 2306.13649, Sec. 2) and MiniLLM (Gu et al. 2023,
-    arXiv 2306.08543).
+    Papers: Hinton, Vinyals & Dean 2015, arXiv 1503.02531 (soft targets at temperature tau); token-level
+    forward and reverse KL for LMs as in GKD (Agarwal et al. 2023, arXiv 2306.13649, Sec. 2) and MiniLLM
+    (Gu et al. 2023, arXiv 2306.08543).
 
     Args:
         student_logits: (B, T, V), with gradient.
@@ -50,13 +51,15 @@ def kl_distill_loss(student_logits, teacher_logits, mask, direction="forward", t
     Value at initialisation (student == teacher): exactly 0 in both directions.
 
     Differs from the paper:
-        1. NO tau^2 factor. Hinton et al. multiply the soft-target loss by tau^2 so that its gradient keeps the same
-           scale as a hard-label loss when tau changes; we add no hard-label term and default to tau = 1, where the
-           factor is 1. If you mix this with sft_loss at tau != 1, multiply by temperature ** 2 yourself.
-        2. Hinton et al. write the soft-target loss as a cross-entropy; forward KL differs from it by the teacher's
-           entropy, a constant, so the gradients are identical and the value is 0 at a perfect match.
-        3. MiniLLM optimises a SEQUENCE-level reverse KL with a policy gradient; this is the per-token reverse KL
-           over the full vocabulary at the given positions (exact, no sampling over the vocabulary).
+        1. NO tau^2 factor. Hinton et al. multiply the soft-target loss by tau^2 so that its gradient keeps
+           the same scale as a hard-label loss when tau changes; we add no hard-label term and default to
+           tau = 1, where the factor is 1. If you mix this with sft_loss at tau != 1, multiply by
+           temperature ** 2 yourself.
+        2. Hinton et al. write the soft-target loss as a cross-entropy; forward KL differs from it by the
+           teacher's entropy, a constant, so the gradients are identical and the value is 0 at a perfect
+           match.
+        3. MiniLLM optimises a SEQUENCE-level reverse KL with a policy gradient; this is the per-token reverse
+           KL over the full vocabulary at the given positions (exact, no sampling over the vocabulary).
     """
     if direction not in ("forward", "reverse"):
         raise ValueError(f"kl_distill_loss: unknown direction {direction!r}; expected 'forward' or 'reverse'")
@@ -81,12 +84,13 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, tempera
 
     Paper: Agarwal et al. 2023 (GKD, "On-Policy Distillation of Language Models"), arXiv 2306.13649, eq. 1.
 
-    Why the endpoints are special-cased (PITFALLS item 11): plugging beta = 0 or 1 into the formula gives M = p_S
-    or M = p_T and a divergence of exactly 0, not a KL. Near the endpoints the formula behaves like
-    beta * KL(p_T || p_S) (beta -> 0) and (1 - beta) * KL(p_S || p_T) (beta -> 1): the DIRECTION of the gradient
-    approaches forward / reverse KL while its SIZE vanishes. GKD reads beta = 0 / 1 as forward / reverse KL, so we
-    return those exactly at the endpoints, as TRL's GKDTrainer does. NOTE: this is a discontinuity; beta = 1e-6
-    gives a loss about 1e-6 times the forward KL (verl-recipe#151 hit it with beta clamped to 1 - 1e-6).
+    Why the endpoints are special-cased (PITFALLS item 11): plugging beta = 0 or 1 into the formula gives
+    M = p_S or M = p_T and a divergence of exactly 0, not a KL. Near the endpoints the formula behaves like
+    beta * KL(p_T || p_S) (beta -> 0) and (1 - beta) * KL(p_S || p_T) (beta -> 1): the DIRECTION of the
+    gradient approaches forward / reverse KL while its SIZE vanishes. GKD reads beta = 0 / 1 as forward /
+    reverse KL, so we return those exactly at the endpoints, as TRL's GKDTrainer does. NOTE: this is a
+    discontinuity; beta = 1e-6 gives a loss about 1e-6 times the forward KL (verl-recipe#151 hit it with beta
+    clamped to 1 - 1e-6).
 
     Args:
         student_logits: (B, T, V), with gradient.
@@ -116,6 +120,6 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, tempera
     else:
         # log M = log(beta * p_T + (1 - beta) * p_S), computed stably from log-probs. Mixing the LOG-probs
         # instead would be a geometric mean, a different (unnormalised) distribution (TRL #2202).
-        log_m = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1.0 - beta))  # (B, T, V)
+        log_m = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1.0 - beta))  # (B,T,V)
         jsd = beta * _kl(teacher_logp, log_m) + (1.0 - beta) * _kl(student_logp, log_m)  # (B, T)
     return masked_mean(jsd, mask)

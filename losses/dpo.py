@@ -50,17 +50,21 @@ def dpo_loss(
 
     Returns:
         losses (B,): unreduced, differentiable.
-        chosen_rewards (B,):   beta * (log pi(y_c) - log ref(y_c)), detached (the implicit reward, for logging).
+        chosen_rewards (B,):   beta * (log pi(y_c) - log ref(y_c)), detached (the implicit reward, for
+                               logging).
         rejected_rewards (B,): beta * (log pi(y_r) - log ref(y_r)), detached.
 
     Value at initialisation (policy == reference, so d = 0):
-        sigmoid: ln 2 = 0.6931 for every pair, with or without label smoothing, and NOT 0 (STYLE "DPO reference").
+        sigmoid: ln 2 = 0.6931 for every pair, with or without label smoothing, and NOT 0 (STYLE "DPO
+                 reference").
         ipo: 1 / (4 beta^2) (25 at beta = 0.1).  hinge: 1.
 
     Differs from the paper:
         1. IPO: eq. 17 is stated on sequence log-likelihoods; the IPO authors' experiments use per-token
-           AVERAGE log-probs. This function uses whatever it is given: pass sums or averages, the caller chooses.
-        2. hinge: SLiC-HF uses no reference model and a margin delta; here the margin is 1 on beta * d, as in RSO.
+           AVERAGE log-probs. This function uses whatever it is given: pass sums or averages, the caller
+           chooses.
+        2. hinge: SLiC-HF uses no reference model and a margin delta; here the margin is 1 on beta * d, as
+           in RSO.
         3. The losses are not averaged over the batch; the caller does that (and can weight pairs).
     """
     if beta <= 0:
@@ -103,11 +107,12 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gam
     Paper: Meng, Xia & Chen 2024, arXiv 2405.14734, the SimPO objective (eq. 6).
 
     Args:
-        policy_chosen_avg_logps:   (B,) average token log-prob of the chosen completion (sum / number of tokens).
+        policy_chosen_avg_logps:   (B,) average token log-prob of the chosen completion (sum / number of
+                                   tokens).
         policy_rejected_avg_logps: (B,) the same for the rejected completion.
         beta:  reward scale (the paper uses about 2 to 10).
-        gamma: the target reward margin, an ABSOLUTE margin as in the paper's formula. (TRL's SimPO instead takes
-               gamma_beta_ratio = gamma / beta; gamma here = that ratio * beta.)
+        gamma: the target reward margin, an ABSOLUTE margin as in the paper's formula. (TRL's SimPO instead
+               takes gamma_beta_ratio = gamma / beta; gamma here = that ratio * beta.)
 
     Returns:
         losses (B,), unreduced.
@@ -140,7 +145,8 @@ def reward_model_loss(chosen_scores, rejected_scores):
     Returns:
         losses (B,), unreduced.
 
-    Value at initialisation: ln 2 = 0.6931 whenever the two scores are equal (e.g. a freshly zeroed score head).
+    Value at initialisation: ln 2 = 0.6931 whenever the two scores are equal (e.g. a freshly zeroed
+    score head).
 
     Differs from the paper:
         1. InstructGPT trains on all K-choose-2 pairs of a prompt as one batch element and divides by

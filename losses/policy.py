@@ -9,8 +9,9 @@ Shapes: B batch, T time, V vocab.
 import torch
 
 # One import from this package, on purpose: every loss here reduces with the same masked_mean, defined once in
-# common.py (two drifting copies of "mean over what" is the classic GRPO bug, STYLE lesson 4). Copying this file
-# out on its own? Paste masked_mean from losses/common.py (a dozen lines, torch only) in place of this import.
+# common.py (two drifting copies of "mean over what" is the classic GRPO bug, STYLE lesson 4). Copying this
+# file out on its own? Paste masked_mean from losses/common.py (a dozen lines, torch only) in place of this
+# import.
 from .common import masked_mean
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
@@ -36,7 +37,8 @@ def policy_loss(
         "token_mean":              sum_{b,t} l / sum_b n_b                    (DAPO; also PPO's E_t)
         "seq_mean_token_mean":     mean_b (sum_t l / n_b)                     (GRPO paper)
         "seq_mean_token_sum":      mean_b (sum_t l)
-        "seq_mean_token_sum_norm": mean_b (sum_t l / norm_len)                (Dr. GRPO; norm_len = T by default)
+        "seq_mean_token_sum_norm": mean_b (sum_t l / norm_len)                (Dr. GRPO; norm_len = T by
+                                   default)
 
     Papers:
         PPO: Schulman et al. 2017, arXiv 1707.06347, eq. 7 (L^CLIP).
@@ -53,25 +55,31 @@ def policy_loss(
         mask:       (B, T) 1 on tokens that count, 0 on padding / prompt / tool output.
         clip_low, clip_high: the ratio band is [1 - clip_low, 1 + clip_high]. Equal values = PPO; DAPO uses
                     clip_low = 0.2, clip_high = 0.28 so that unlikely tokens with A > 0 can grow more.
-        dual_clip:  None, or c > 1: for A < 0 the loss of a token is capped at -c * A (= c * |A|), so a token the
-                    new policy made far MORE likely (ratio >> 1) cannot produce an unbounded push. Same rule as
-                    verl's clip_ratio_c (default 3 there).
+        dual_clip:  None, or c > 1: for A < 0 the loss of a token is capped at -c * A (= c * |A|), so a token
+                    the new policy made far MORE likely (ratio >> 1) cannot produce an unbounded push. Same
+                    rule as verl's clip_ratio_c (default 3 there).
         loss_agg:   one of LOSS_AGGS, see above. This is the most argued detail of GRPO (PITFALLS item 1).
-        norm_len:   the constant of "seq_mean_token_sum_norm". None means T, the PADDED length of this batch, which
-                    changes with padding; pass the generation budget (max_new_tokens) to make it a true constant.
+        norm_len:   the constant of "seq_mean_token_sum_norm". None means T, the PADDED length of this batch,
+                    which changes with padding; pass the generation budget (max_new_tokens) to make it a true
+                    constant.
 
     Returns:
         loss: 0-dim tensor to minimise.
-        metrics: dict of detached 0-dim tensors (no .item(), so no GPU sync here), each a mean over valid tokens:
-            "clip_frac":      fraction of tokens where the CLIPPED term is the active one, i.e. ratio > 1 + clip_high
-                              with A > 0, or ratio < 1 - clip_low with A < 0. These are exactly the tokens whose
-                              gradient the clip zeroes. Tokens outside the band on the harmless side are not counted.
-            "dual_clip_frac": fraction of tokens (A < 0) where the dual-clip cap is active; 0 when dual_clip is None.
-            "approx_kl":      k3 estimate of KL(pi_old || pi_theta) from the sampled tokens: ratio - 1 - log(ratio),
-                              unbiased under pi_old and >= 0 per token (Schulman, "Approximating KL divergence").
+        metrics: dict of detached 0-dim tensors (no .item(), so no GPU sync here), each a mean over valid
+                 tokens:
+            "clip_frac":      fraction of tokens where the CLIPPED term is the active one, i.e. ratio > 1 +
+                              clip_high with A > 0, or ratio < 1 - clip_low with A < 0. These are exactly the
+                              tokens whose gradient the clip zeroes. Tokens outside the band on the harmless
+                              side are not counted.
+            "dual_clip_frac": fraction of tokens (A < 0) where the dual-clip cap is active; 0 when dual_clip
+                              is None.
+            "approx_kl":      k3 estimate of KL(pi_old || pi_theta) from the sampled tokens: ratio - 1 -
+                              log(ratio), unbiased under pi_old and >= 0 per token (Schulman, "Approximating
+                              KL divergence").
             "ratio_mean":     mean ratio.
 
-    Value at initialisation (logps == old_logps, e.g. the first minibatch of an epoch): ratio = 1 exactly, the loss
+    Value at initialisation (logps == old_logps, e.g. the first minibatch of an epoch): ratio = 1 exactly,
+    the loss
         is minus the aggregated advantage (about 0 for group-centred advantages, yet the gradient is not 0,
         PITFALLS item 12), clip_frac = 0 and approx_kl = 0.
 
@@ -79,9 +87,10 @@ def policy_loss(
         1. PPO eq. 7 is an objective to maximise; this returns its negative, a loss to minimise.
         2. clip_low / clip_high are separate (DAPO); PPO has one epsilon. Equal values reproduce PPO exactly.
         3. No KL or entropy term inside: GRPO eq. 3 adds -beta * D_KL per token; add
-           beta * masked_mean(kl_penalty(...), mask) to this loss yourself if you want it (DAPO and Dr. GRPO drop it).
-        4. The sequence-level modes average over sequences with at least one valid token, so a fully masked row
-           (a filtered sample) changes nothing; the papers' 1/G assumes every row is real.
+           beta * masked_mean(kl_penalty(...), mask) to this loss yourself if you want it (DAPO and Dr. GRPO
+           drop it).
+        4. The sequence-level modes average over sequences with at least one valid token, so a fully masked
+           row (a filtered sample) changes nothing; the papers' 1/G assumes every row is real.
         5. Dr. GRPO's constant is the generation budget; norm_len=None falls back to the padded length T.
     """
     if loss_agg not in LOSS_AGGS:
@@ -100,14 +109,15 @@ def policy_loss(
 
     loss_unclipped = -adv * ratio  # (B, T)
     loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # (B, T)
-    # max of the two LOSSES = min of the two objectives (the pessimistic bound of PPO eq. 7). Where the clipped
-    # term wins, its ratio is a constant (clamp has zero slope outside the band), so that token gets no gradient.
+    # max of the two LOSSES = min of the two objectives (the pessimistic bound of PPO eq. 7). Where the
+    # clipped term wins, its ratio is a constant (clamp has zero slope outside the band), so that token gets
+    # no gradient.
     loss_tok = torch.maximum(loss_unclipped, loss_clipped)  # (B, T)
 
     dual_active = torch.zeros_like(valid)  # (B, T) bool
     if dual_clip is not None:
-        # For A < 0 the PPO loss -ratio * A grows without bound as ratio grows (the clip only bounds ratio from
-        # BELOW for A < 0). Cap it at -c * A; capped tokens get zero gradient, like clipped ones.
+        # For A < 0 the PPO loss -ratio * A grows without bound as ratio grows (the clip only bounds ratio
+        # from BELOW for A < 0). Cap it at -c * A; capped tokens get zero gradient, like clipped ones.
         cap = -dual_clip * adv  # (B, T), positive where A < 0
         dual_active = (adv < 0) & (loss_tok > cap)  # (B, T)
         loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, cap), loss_tok)  # (B, T)
@@ -147,8 +157,8 @@ def kl_penalty(logps, ref_logps, kind="k3"):
     Paper: John Schulman, "Approximating KL divergence" (2020 blog note, joschu.net/blog/kl-approx.html);
     k3 is DeepSeekMath's estimator (arXiv 2402.03300, eq. 4).
 
-    What each gives as a LOSS, i.e. the expected gradient of mean(k(x)) over x ~ pi when the tokens were sampled
-    from the current pi (the sampling itself is not differentiated) (PITFALLS item 3):
+    What each gives as a LOSS, i.e. the expected gradient of mean(k(x)) over x ~ pi when the tokens were
+    sampled from the current pi (the sampling itself is not differentiated) (PITFALLS item 3):
         k1: E[grad k1] = E_pi[grad log pi(x)] = 0. As a loss it does nothing in expectation; it belongs in the
             REWARD (PPO-style r_t - beta * k1_t), where the policy gradient then optimises KL(pi || ref).
         k2: E[grad k2] = E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref): the reverse-KL gradient.
@@ -158,12 +168,14 @@ def kl_penalty(logps, ref_logps, kind="k3"):
 
     Args:
         logps:     (B, T) log pi(token), with gradient if used as a loss.
-        ref_logps: (B, T) log ref(token) on the same tokens, same temperature (PITFALLS item 8); detached inside.
+        ref_logps: (B, T) log ref(token) on the same tokens, same temperature (PITFALLS item 8); detached
+                   inside.
         kind:      "k1", "k2" or "k3".
 
     Returns:
-        (B, T), unreduced and unmasked: reduce with masked_mean(kl, mask). NOTE: k3 exponentiates; make sure padded
-        slots hold finite, moderate log-probs (or mask the inputs first) so that exp() cannot overflow there.
+        (B, T), unreduced and unmasked: reduce with masked_mean(kl, mask). NOTE: k3 exponentiates; make
+        sure padded slots hold finite, moderate log-probs (or mask the inputs first) so that exp() cannot
+        overflow there.
 
     Value at initialisation (policy == reference): exactly 0 for all three kinds, everywhere.
 
@@ -190,10 +202,10 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
         l = 0.5 * max((values - returns)^2, (V_clip - returns)^2)
     then L = masked mean of l over valid tokens.
 
-    Paper: PPO (Schulman et al. 2017, arXiv 1707.06347) eq. 9 has the unclipped (V - V_target)^2; the clipped form
-    comes from OpenAI baselines' ppo2 and is studied in Engstrom et al. 2020, arXiv 2005.12729 ("value function
-    clipping"). The max makes it pessimistic, like the policy clip: it never rewards a value that moved further
-    than `clip` from old_values.
+    Paper: PPO (Schulman et al. 2017, arXiv 1707.06347) eq. 9 has the unclipped (V - V_target)^2; the
+    clipped form comes from OpenAI baselines' ppo2 and is studied in Engstrom et al. 2020, arXiv 2005.12729
+    ("value function clipping"). The max makes it pessimistic, like the policy clip: it never rewards a value
+    that moved further than `clip` from old_values.
 
     Args:
         values:     (B, T) V_theta(s_t) from the value model, with gradient.
@@ -205,7 +217,8 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     Returns:
         0-dim tensor.
 
-    Value at initialisation (values == old_values): both terms coincide, L = 0.5 * masked_mean((values - returns)^2).
+    Value at initialisation (values == old_values): both terms coincide, so
+        L = 0.5 * masked_mean((values - returns)^2).
 
     Differs from the paper:
         1. The clipped term and the 0.5 factor are the implementations' (see above), not PPO eq. 9.
@@ -229,8 +242,8 @@ def entropy_from_logits(logits):
     Paper: none (definition). Used as a diagnostic (entropy collapse, PITFALLS item 13) or a bonus term.
 
     Args:
-        logits: (B, T, V), any float dtype; divide by the sampling temperature first if you want the entropy of
-                the distribution the sampler used.
+        logits: (B, T, V), any float dtype; divide by the sampling temperature first if you want the entropy
+                of the distribution the sampler used.
 
     Returns:
         (B, T) fp32, each value in [0, ln V].

@@ -18,30 +18,35 @@ def prm_loss(step_logits, step_labels, step_mask):
         l = -(y * log sigmoid(z) + (1 - y) * log sigmoid(-z))
         L = masked mean of l over valid steps.
 
-    Papers: Lightman et al. 2023, "Let's Verify Step by Step", arXiv 2305.20050 (a PRM predicts the correctness
-    of every step); Math-Shepherd, Wang et al. 2023, arXiv 2312.08935 (the same per-step cross-entropy, with
-    hard or soft labels estimated from rollouts).
+    Papers: Lightman et al. 2023, "Let's Verify Step by Step", arXiv 2305.20050 (a PRM predicts the
+    correctness of every step); Math-Shepherd, Wang et al. 2023, arXiv 2312.08935 (the same per-step
+    cross-entropy, with hard or soft labels estimated from rollouts).
 
     Args:
-        step_logits: (B, S) the PRM's logit at each step's END token, gathered by the caller from the score head's
-                     (B, T) output. NOTE: no causal shift here, the score at a step's last token judges that step
-                     (PITFALLS item 7: PRM scoring is the exception to the shift).
+        step_logits: (B, S) the PRM's logit at each step's END token, gathered by the caller from the score
+                     head's (B, T) output. NOTE: no causal shift here, the score at a step's last token judges
+                     that step (PITFALLS item 7: PRM scoring is the exception to the shift).
         step_labels: (B, S) 1 for a correct step, 0 for a wrong one; soft labels in [0, 1] are fine.
         step_mask:   (B, S) 1 for real steps, 0 for padding steps (their logits and labels are ignored).
 
     Returns:
         0-dim fp32 tensor.
 
-    Value at initialisation: ln 2 = 0.6931 with a zero-initialised score head (all logits 0), whatever the labels.
+    Value at initialisation: ln 2 = 0.6931 with a zero-initialised score head (all logits 0), whatever
+    the labels.
 
     Differs from the paper:
-        1. Lightman et al. train the LM itself to emit a positive / negative / neutral token after each step; here a
-           scalar head with binary (or soft) labels, so a "neutral" label must be mapped to 0 or 1 by the caller.
+        1. Lightman et al. train the LM itself to emit a positive / negative / neutral token after each step;
+           here a scalar head with binary (or soft) labels, so a "neutral" label must be mapped to 0 or 1 by
+           the caller.
     """
     valid = step_mask.bool()  # (B, S)
-    # Clean padded slots first: a junk label such as -100 there is harmless after masking, but inf is not.
+    # Zero the padded logits first: masked_fill sends exactly zero gradient to those slots, so no junk there
+    # (a label of -100 or inf, a logit of 1e30) can turn into 0 * inf = NaN on the way back. The junk values
+    # of the forward pass are dropped by masked_mean.
     logits = step_logits.float().masked_fill(~valid, 0.0)  # (B, S)
-    labels = step_labels.float().masked_fill(~valid, 0.0)  # (B, S)
-    # with_logits: computed from the logit directly (log-sum-exp form), never log(sigmoid(z)), which underflows.
+    labels = step_labels.float()  # (B, S)
+    # with_logits: computed from the logit directly (log-sum-exp form), never log(sigmoid(z)), which
+    # underflows.
     bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, S)
     return masked_mean(bce, step_mask)

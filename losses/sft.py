@@ -34,9 +34,11 @@ def sft_loss(logits, labels, ignore_index=IGNORE_INDEX):
     Value at initialisation: ln V for uniform logits (about 2.89 for V = 18).
 
     Differs from the paper:
-        1. Prompt tokens get no loss (labels = ignore_index there): the common practice, not stated in the paper.
-        2. NOTE: this is the token mean of THIS call. With gradient accumulation, averaging micro-batch means is
-           not the token mean of the whole batch (PITFALLS item 4); weight each micro-batch by its token count.
+        1. Prompt tokens get no loss (labels = ignore_index there): the common practice, not stated in the
+           paper.
+        2. NOTE: this is the token mean of THIS call. With gradient accumulation, averaging micro-batch
+           means is not the token mean of the whole batch (PITFALLS item 4); weight each micro-batch by its
+           token count.
     """
     logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1; fp32 for the softmax
     targets = labels[:, 1:]  # (B, T-1): the shifted labels

@@ -44,7 +44,7 @@ def _log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
-# ----------------------------------------------------------------------------------------------- common.py
+# --------------------------------------------------------------------------------------- common.py
 
 
 def test_token_logprobs_matches_manual_shifted_gather():
@@ -79,7 +79,7 @@ def test_masked_mean_all_zero_mask_is_zero_not_nan():
     assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
 
 
-# ----------------------------------------------------------------------------------------------- sft.py
+# ------------------------------------------------------------------------------------------ sft.py
 
 
 def test_sft_loss_equals_cross_entropy_on_shifted_labels():
@@ -109,7 +109,7 @@ def test_sft_all_ignored_is_zero_not_nan():
     assert sft_loss(logits, labels).item() == 0.0
 
 
-# ----------------------------------------------------------------------------------------------- dpo.py
+# ------------------------------------------------------------------------------------------ dpo.py
 
 
 def test_dpo_hand_worked_value():
@@ -131,7 +131,7 @@ def test_dpo_is_ln2_at_init_with_and_without_smoothing():
 
 
 def test_dpo_variants_match_hand_formulas():
-    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0])
+    pc, pr, rc, rr = (torch.tensor([x]) for x in (-10.0, -12.0, -11.0, -11.0))
     beta, d = 0.1, 2.0
     cdpo, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=0.1)
     assert abs(cdpo.item() - (-0.9 * _log_sigmoid(0.2) - 0.1 * _log_sigmoid(-0.2))) < 1e-6
@@ -158,10 +158,11 @@ def test_simpo_and_reward_model_hand_values():
     # Bradley-Terry: ln 2 at equal scores, log(1 + e^-2) at a margin of 2
     s = torch.randn(5, generator=_gen(6))
     torch.testing.assert_close(reward_model_loss(s, s.clone()), torch.full((5,), LN2))
-    assert abs(reward_model_loss(torch.tensor([3.0]), torch.tensor([1.0])).item() - math.log1p(math.exp(-2))) < 1e-6
+    margin_two = reward_model_loss(torch.tensor([3.0]), torch.tensor([1.0])).item()
+    assert abs(margin_two - math.log1p(math.exp(-2))) < 1e-6
 
 
-# ----------------------------------------------------------------------------------------------- policy_loss
+# ------------------------------------------------------------------------------------- policy_loss
 
 
 def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
@@ -241,7 +242,10 @@ def test_policy_loss_dual_clip_bounds_negative_advantage_loss():
         policy_loss(logps, logps, adv, mask, dual_clip=1.0)
 
 
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"])
+AGGS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+
+
+@pytest.mark.parametrize("agg", AGGS)
 def test_policy_loss_padding_never_changes_anything(agg):
     g = _gen(8)
     B, T, P = 3, 5, 3
@@ -249,11 +253,15 @@ def test_policy_loss_padding_never_changes_anything(agg):
     old = logps + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, T, generator=g, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 1, 1, 0]])
+
+    def junk(*shape):
+        return 1e4 * torch.randn(*shape, generator=g, dtype=torch.float64)
+
     # pad: P extra junk columns and one extra fully masked junk row
-    junk = lambda *s: 1e4 * torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     logps_p = torch.cat([torch.cat([logps, junk(B, P)], 1), junk(1, T + P)], 0)
     old_p = torch.cat([torch.cat([old, junk(B, P)], 1), junk(1, T + P)], 0)
     adv_p = torch.cat([torch.cat([adv, junk(B, P)], 1), junk(1, T + P)], 0)
+    adv_p[0, T] = float("inf")  # even an infinite advantage in a padded slot must change nothing
     mask_p = torch.zeros(B + 1, T + P, dtype=torch.long)
     mask_p[:B, :T] = mask
 
@@ -272,7 +280,7 @@ def test_policy_loss_padding_never_changes_anything(agg):
         torch.testing.assert_close(metrics_p[k], metrics[k], rtol=1e-12, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------- kl_penalty
+# -------------------------------------------------------------------------------------- kl_penalty
 
 
 def test_kl_penalty_zero_when_equal_and_nonnegative():
@@ -288,8 +296,8 @@ def test_kl_penalty_zero_when_equal_and_nonnegative():
 
 
 def _expected_and_true_kl_grads(kind):
-    # A categorical over 5 outcomes, pi = softmax(theta), and a fixed reference. "Sampling on-policy" is done by
-    # exact enumeration: E_{x~pi}[grad k(x)] = sum_x pi(x) grad k(x) with pi(x) a constant weight.
+    # A categorical over 5 outcomes, pi = softmax(theta), and a fixed reference. "Sampling on-policy" is done
+    # by exact enumeration: E_{x~pi}[grad k(x)] = sum_x pi(x) grad k(x) with pi(x) a constant weight.
     g = _gen(10)
     theta0 = torch.randn(5, generator=g, dtype=torch.float64)
     ref_logp = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64), -1)
@@ -320,7 +328,7 @@ def test_kl_penalty_expected_gradients_by_exact_enumeration():
     torch.testing.assert_close(g3, grad_forward, atol=1e-12, rtol=1e-10)  # k3: grad KL(ref || pi)
 
 
-# ----------------------------------------------------------------------------------------------- value, entropy
+# ---------------------------------------------------------------------------------- value, entropy
 
 
 def test_value_loss_hand_case_with_clipping_and_junk_padding():
@@ -346,7 +354,7 @@ def test_entropy_from_logits():
     torch.testing.assert_close(entropy_from_logits(masked_vocab), torch.tensor([[LN2]]))
 
 
-# ----------------------------------------------------------------------------------------------- advantages
+# -------------------------------------------------------------------------------------- advantages
 
 
 def test_group_advantages_centred_scaled_and_zero_for_equal_groups():
@@ -423,7 +431,8 @@ def test_gae_skips_masked_slots_and_nothing_leaks_after_the_end():
 def test_process_advantages_hand_example():
     # group 0 (rows 0, 1): valid step rewards {1, 0, 0}: mean 1/3, unbiased std sqrt((4/9 + 1/9 + 1/9) / 2)
     # = sqrt(1/3) = 0.57735, so 1 -> 1.1547 and 0 -> -0.57735.
-    # row 0 steps end at tokens 1 and 4: t <= 1 gets 1.1547 - 0.57735 = 0.57735; t = 2..4 gets -0.57735; t = 5: 0
+    # row 0 steps end at tokens 1 and 4: t <= 1 gets 1.1547 - 0.57735 = 0.57735; t = 2..4 gets -0.57735;
+    # t = 5 gets 0
     # row 1 has one valid step ending at 2 (its second step is padding with junk): t <= 2 -> -0.57735
     # group 1 (rows 2, 3): all valid rewards equal -> zeros
     step_rewards = torch.tensor([[1.0, 0.0], [0.0, 123.0], [0.9, 0.9], [0.9, 0.0]])
@@ -443,7 +452,7 @@ def test_process_advantages_hand_example():
         process_advantages(step_rewards, step_ends.clamp(max=6) + 1, step_mask, group_size=2, seq_len=6)
 
 
-# ----------------------------------------------------------------------------------------------- distill.py
+# -------------------------------------------------------------------------------------- distill.py
 
 
 def _manual_kl(p, q):
@@ -471,6 +480,18 @@ def test_kl_distill_zero_when_equal_and_matches_manual():
     assert abs(fwd.item() - rev.item()) > 1e-3  # the two directions really differ here
     with pytest.raises(ValueError, match="sideways"):
         kl_distill_loss(s, t, mask, "sideways")
+
+
+def test_kl_distill_teacher_with_minus_inf_entry_stays_finite():
+    # a teacher that forbids a vocabulary entry (-inf logit): 0 * log 0 counts as 0, value and gradient finite
+    t = torch.tensor([[[1.0, 0.0, float("-inf")]]])
+    s = torch.tensor([[[0.0, 0.5, 0.2]]], requires_grad=True)
+    loss = kl_distill_loss(s, t, torch.ones(1, 1), "forward")
+    loss.backward()
+    p_t, p_s = _softmax64(t[..., :2]), _softmax64(s.detach())
+    manual = (p_t * (p_t.log() - p_s[..., :2].log())).sum()  # sum over the teacher's support only
+    assert abs(loss.item() - manual.item()) < 1e-6
+    assert torch.isfinite(s.grad).all()
 
 
 def test_generalized_jsd_endpoints_are_exactly_forward_and_reverse_kl():
@@ -505,7 +526,7 @@ def test_generalized_jsd_zero_when_equal_manual_at_half_and_bounded_by_ln2():
     assert LN2 - 1e-3 < jsd <= LN2 + 1e-6
 
 
-# ----------------------------------------------------------------------------------------------- prm.py
+# ------------------------------------------------------------------------------------------ prm.py
 
 
 def test_prm_loss_matches_manual_bce_over_masked_steps():
@@ -524,27 +545,36 @@ def test_prm_loss_matches_manual_bce_over_masked_steps():
     assert torch.isfinite(z.grad).all() and torch.equal(z.grad[mask == 0], torch.zeros(2))
 
 
-# ----------------------------------------------------------------------------------------------- padding
+# ----------------------------------------------------------------------------------------- padding
 
 
 def test_padding_never_changes_masked_losses():
     g = _gen(16)
     B, T, V, P = 2, 4, 6, 3
-    junk = lambda *s: 1e4 * torch.randn(*s, generator=g)  # noqa: E731
-    pad = lambda x, *s: torch.cat([x, junk(*s)], dim=1)  # noqa: E731
+
+    def pad(x, *shape):  # append junk positions along T
+        return torch.cat([x, 1e4 * torch.randn(*shape, generator=g)], dim=1)
+
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     mask_p = torch.cat([mask, torch.zeros(B, P, dtype=torch.long)], dim=1)
     s, t = torch.randn(B, T, V, generator=g), torch.randn(B, T, V, generator=g)
     s_p, t_p = pad(s, B, P, V), pad(t, B, P, V)
     for direction in ("forward", "reverse"):
-        torch.testing.assert_close(kl_distill_loss(s_p, t_p, mask_p, direction), kl_distill_loss(s, t, mask, direction))
+        torch.testing.assert_close(kl_distill_loss(s_p, t_p, mask_p, direction),
+                                   kl_distill_loss(s, t, mask, direction))
     for beta in (0.0, 0.3, 1.0):
-        torch.testing.assert_close(generalized_jsd_loss(s_p, t_p, mask_p, beta), generalized_jsd_loss(s, t, mask, beta))
+        torch.testing.assert_close(generalized_jsd_loss(s_p, t_p, mask_p, beta),
+                                   generalized_jsd_loss(s, t, mask, beta))
     z, y = torch.randn(B, T, generator=g), torch.rand(B, T, generator=g)
     torch.testing.assert_close(prm_loss(pad(z, B, P), pad(y, B, P), mask_p), prm_loss(z, y, mask))
     v, ov, ret = (torch.randn(B, T, generator=g) for _ in range(3))
-    torch.testing.assert_close(value_loss(pad(v, B, P), pad(ov, B, P), pad(ret, B, P), mask_p),
-                               value_loss(v, ov, ret, mask))
+    v_p = pad(v, B, P)
+    v_p[0, T] = float("inf")
+    v_p.requires_grad_()
+    loss_v = value_loss(v_p, pad(ov, B, P), pad(ret, B, P), mask_p)
+    loss_v.backward()
+    torch.testing.assert_close(loss_v, value_loss(v, ov, ret, mask))
+    assert torch.isfinite(v_p.grad).all()
     adv, rets = gae(pad(z, B, P), pad(v, B, P), mask_p)
     adv_ref, rets_ref = gae(z, v, mask)
     torch.testing.assert_close(adv[:, :T], adv_ref)
@@ -558,4 +588,5 @@ def test_padding_never_changes_masked_losses():
     sr_p = torch.cat([sr, torch.tensor([[1e6], [-1e6]])], 1)
     se_p = torch.cat([se, torch.tensor([[50], [-3]])], 1)
     sm_p = torch.cat([sm, torch.zeros(2, 1)], 1)
-    torch.testing.assert_close(process_advantages(sr_p, se_p, sm_p, 2, T), process_advantages(sr, se, sm, 2, T))
+    torch.testing.assert_close(process_advantages(sr_p, se_p, sm_p, 2, T),
+                               process_advantages(sr, se, sm, 2, T))

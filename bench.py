@@ -1,0 +1,112 @@
+"""
+Speed figures for posttrain, one function per benchmark:
+
+    python bench.py --what sampler     new tokens/s of rollout.sample at several batch sizes, side by side
+                                       with HF transformers' generate on the same weights if it is installed
+
+This script (only this one, besides the test-fixture script) imports transformers, and only if present; the
+program never needs it. Timings are wall-clock medians after a warm-up run, on the threads torch is given.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from model import GPT, GPTConfig
+from rollout import sample
+
+# the ops that do the model's arithmetic; everything else in a decode step is overhead we try to remove
+COMPUTE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_flash_attention",
+               "aten::_scaled_dot_product_cudnn_attention")
+
+
+def median_time(fn, reps):
+    """Median wall-clock seconds of fn() over reps runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compute_share(fn):
+    """Fraction of fn's wall time spent inside matrix-product and attention kernels (torch.profiler)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("bench_total"):
+            fn()
+    events = prof.key_averages()
+    total = next(e.cpu_time_total for e in events if e.key == "bench_total")
+    return sum(e.self_cpu_time_total for e in events if e.key in COMPUTE_OPS) / total
+
+
+def load_hf(model):
+    """The same weights in transformers, read from a folder our save_pretrained wrote; None if not installed."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def bench_sampler(args):
+    """rollout.sample vs HF generate: random default-config weights, no EOS, so every row runs new_tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).eval()
+    hf = load_hf(model)
+    print(f"sampler: default GPTConfig ({model.num_params() / 1e6:.2f}M params), prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, temperature 1, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}")
+    print(f"{'batch':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'matmul+attn share':>18}")
+    for B in args.batch_sizes:
+        gen = torch.Generator().manual_seed(0)
+        prompt_ids = torch.randint(3, model.config.vocab_size, (B, args.prompt_len), generator=gen)  # (B, P)
+        prompts = prompt_ids.tolist()
+
+        def ours():
+            return sample(model, prompts, args.new_tokens, temperature=1.0, generator=gen)
+
+        ours_s = median_time(ours, args.reps)
+        share = compute_share(ours)
+        line = f"{B:>6} {B * args.new_tokens / ours_s:>11.0f}"
+        if hf is not None:
+            # top_k=0 switches off HF's default top-k of 50; no EOS id and min_new_tokens pin the length
+            kwargs = dict(attention_mask=torch.ones_like(prompt_ids), do_sample=True, temperature=1.0, top_k=0,
+                          top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                          use_cache=True, eos_token_id=None, pad_token_id=0)
+            with torch.inference_mode():
+                hf_s = median_time(lambda: hf.generate(prompt_ids, **kwargs), args.reps)
+            line += f" {B * args.new_tokens / hf_s:>9.0f} {hf_s / ours_s:>7.2f}x"
+        else:
+            line += f" {'-':>9} {'-':>8}"
+        print(line + f" {share:>17.0%}")
+
+
+BENCHMARKS = {"sampler": bench_sampler}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="posttrain speed figures")
+    parser.add_argument("--what", choices=sorted(BENCHMARKS), default="sampler", help="which benchmark to run")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per figure (median reported)")
+    # sampler
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256], help="sampler batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=16, help="sampler prompt length")
+    parser.add_argument("--new-tokens", type=int, default=64, help="sampler tokens generated per row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    BENCHMARKS[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

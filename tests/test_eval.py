@@ -1,0 +1,107 @@
+"""The eval stage: unbiased pass@k, support accounting (gained / lost / kept), the KL estimate, one real run.
+
+Expected numbers come from the definitions (binomials, enumeration of subsets, hand-made tables), never from
+the code under test. CPU only, tiny models, a few seconds.
+"""
+
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import posttrain
+from data import task
+from model import GPT, GPTConfig
+from posttrain import kl_estimate, pass_at_k, support_change
+
+
+def tiny_checkpoint(folder, seed=0, head_scale=1.0):
+    """A random 1-layer, width-32 model saved as a checkpoint folder; head_scale sharpens its outputs."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=18, n_layer=1, n_embd=32, n_head=4, n_kv_head=2, intermediate_size=96))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(folder, tokenizer_path=task.TOKENIZER_PATH)
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------------------------------- pass@k
+
+
+def test_pass_at_k_small_exact_cases():
+    # n=4, c=2, k=2: 1 - C(2,2)/C(4,2) = 1 - 1/6 = 5/6
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6, abs=1e-12)
+    assert pass_at_k(4, 0, 2) == 0.0  # nothing correct: no subset can contain a correct sample
+    assert pass_at_k(4, 3, 2) == 1.0  # n - c = 1 < k = 2: every 2-subset holds a correct sample
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3, abs=1e-12)  # pass@1 is the fraction correct
+    assert pass_at_k(16, 16, 16) == 1.0
+
+
+@pytest.mark.parametrize("n,c,k", [(4, 1, 2), (5, 2, 3), (6, 1, 1), (6, 3, 4), (7, 2, 2), (8, 1, 4),
+                                   (8, 5, 3), (9, 0, 3), (10, 4, 7)])
+def test_pass_at_k_matches_enumeration_of_subsets(n, c, k):
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    expected = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+
+
+def test_pass_at_k_rejects_impossible_arguments():
+    for n, c, k in [(4, 5, 1), (4, 2, 0), (4, 2, 5), (4, -1, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+# ------------------------------------------------------------------------------------------- support, KL
+
+
+def test_support_change_on_hand_made_sample_tables():
+    # 6 problems x 3 samples. Solved at least once: base {0, 1, 3, 5}, checkpoint {1, 2, 3, 4}
+    base = torch.tensor([[1, 0, 0], [0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    ckpt = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    # gained: 2, 4; lost: 0, 5; kept: 1, 3
+    assert support_change(base.any(1), ckpt.any(1)) == {"gained": 2, "lost": 2, "kept": 2}
+    # the other way round, gained and lost swap
+    assert support_change(ckpt.any(1), base.any(1)) == {"gained": 2, "lost": 2, "kept": 2}
+    assert support_change(base.any(1), base.any(1)) == {"gained": 0, "lost": 0, "kept": 4}
+
+
+def test_kl_estimate_closed_form():
+    p = torch.tensor([-1.0, -2.0, -3.0])  # log p(y_i) of three samples y_i ~ p
+    q = torch.tensor([-1.5, -2.0, -2.0])  # log q(y_i)
+    ratios = [0.5, 0.0, -1.0]
+    mean, se = kl_estimate(p, q)
+    m = sum(ratios) / 3
+    sd = math.sqrt(sum((r - m) ** 2 for r in ratios) / 2)  # unbiased, as torch.std
+    assert mean == pytest.approx(m, abs=1e-6)
+    assert se == pytest.approx(sd / math.sqrt(3), abs=1e-6)
+    assert kl_estimate(p, p) == (0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------- the stage itself
+
+
+def test_eval_stage_kl_zero_for_a_copy_of_the_base(tmp_path):
+    base = tiny_checkpoint(tmp_path / "base", seed=0)
+    copy = tiny_checkpoint(tmp_path / "copy", seed=0)  # the same weights in another folder
+    sharp = tiny_checkpoint(tmp_path / "sharp", seed=0, head_scale=30.0)  # far from the base
+    out = tmp_path / "eval.json"
+    posttrain.main(["--stage", "eval", "--ckpt", copy, "--ckpt", sharp, "--base", base,
+                    "--out-dir", str(tmp_path), "--eval-out", str(out), "--eval-problems", "5",
+                    "--eval-n", "4", "--max-new-tokens", "12", "--threads", "1"])
+    res = json.loads(out.read_text())
+    names = [r["name"] for r in res["checkpoints"]]
+    assert names == ["base", "copy", "sharp"]
+    for split in posttrain.EVAL_SPLITS:
+        b, c, s = (r[split] for r in res["checkpoints"])
+        assert c["kl_base"] == 0.0 and c["kl_base_se"] == 0.0  # identical numbers, not merely close
+        assert c["counts"] == b["counts"] and c["entropy"] == b["entropy"]
+        assert c["vs_base"]["gained"] == 0 and c["vs_base"]["lost"] == 0
+        assert s["kl_base"] > 1.0  # so the check above can fail
+        assert s["entropy"] < b["entropy"]
+        assert sorted(k for k in b if k.startswith("pass@")) == ["pass@1", "pass@2", "pass@4"]
+    assert os.path.exists(out)

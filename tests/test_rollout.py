@@ -1,0 +1,117 @@
+"""rollout.py: the cached batched sampler against the naive model.generate and the full-forward log-probs."""
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from rollout import completion_logps, sample
+
+V, PAD = 32, 0
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
+                          max_seq_len=48)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # sharper distributions, so greedy has no near-ties and EOS shows up
+    return model
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_greedy_equals_naive_generate(model):
+    out = sample(model, PROMPTS, 12, temperature=0)
+    assert out.completion_ids.shape == (len(PROMPTS), 12) and out.completion_mask.all()
+    for i, p in enumerate(PROMPTS):
+        naive = model.generate(torch.tensor([p]), 12, temperature=0)[0, len(p):]  # one prompt, no padding
+        assert torch.equal(out.completion_ids[i], naive)
+
+
+def test_completion_does_not_depend_on_batch(model):
+    alone = sample(model, PROMPTS[1:2], 12, temperature=0).completion_ids[0]
+    assert torch.equal(sample(model, PROMPTS, 12, temperature=0).completion_ids[1], alone)
+
+
+def test_left_padding_layout(model):
+    out = sample(model, PROMPTS, 3, temperature=0)
+    assert out.prompt_ids.shape == out.prompt_mask.shape == (4, 7)
+    assert out.prompt_ids[1].tolist() == [PAD] * 5 + [12, 13]
+    assert out.prompt_mask[1].tolist() == [0] * 5 + [1, 1]
+
+
+def test_eos_stops_rows_and_masks(model):
+    free = sample(model, PROMPTS, 16, temperature=1.0, generator=seeded())
+    eos = int(free.completion_ids[0, 3])  # a token row 0 will emit at step 3: call it EOS
+    out = sample(model, PROMPTS, 16, temperature=1.0, eos_id=eos, generator=seeded())
+    hits = [(row == eos).nonzero() for row in free.completion_ids]
+    lengths = [int(h[0]) + 1 if len(h) else 16 for h in hits]  # up to and including the first EOS
+    assert out.completion_ids.size(1) == max(lengths)  # columns after every row finished are dropped
+    for i, n in enumerate(lengths):
+        assert torch.equal(out.completion_ids[i, :n], free.completion_ids[i, :n])  # same draws until then
+        assert out.completion_mask[i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert (out.completion_ids[i, n:] == PAD).all() and (out.logps[i, n:] == 0).all()
+
+
+def test_all_rows_done_stops_early(model):
+    eos = int(sample(model, PROMPTS[:1], 1, temperature=0).completion_ids[0, 0])
+    out = sample(model, PROMPTS[:1], 30, temperature=0, eos_id=eos)
+    assert out.completion_ids.tolist() == [[eos]] and out.completion_mask.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (2.0, None, 0.8),
+                                                       (0, None, None)])
+def test_sampler_logps_equal_full_forward(model, temperature, top_k, top_p):
+    free = sample(model, PROMPTS, 10, temperature=max(temperature, 1.0), generator=seeded(1))
+    eos = int(free.completion_ids[2, 4])  # some rows stop early: masked positions get checked too
+    out = sample(model, PROMPTS, 10, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos,
+                 generator=seeded(1))
+    full = completion_logps(model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask,
+                            temperature=temperature)
+    assert (out.logps - full).abs().max() <= 1e-5
+    assert (out.logps[out.completion_mask == 0] == 0).all()
+    assert (out.logps[out.completion_mask == 1] < 0).all()
+
+
+def test_logps_are_of_the_tempered_distribution(model):
+    out = sample(model, PROMPTS, 8, temperature=2.0, generator=seeded())
+    args = (model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+    with torch.no_grad():
+        logits = model(torch.cat((out.prompt_ids, out.completion_ids), 1),
+                       torch.cat((out.prompt_mask, out.completion_mask), 1))[:, out.prompt_ids.size(1) - 1:-1]
+    by_hand = torch.log_softmax(logits / 2.0, -1).gather(-1, out.completion_ids[..., None]).squeeze(-1)
+    assert (out.logps - by_hand).abs().max() <= 1e-5
+    assert (completion_logps(*args, temperature=1.0) - out.logps).abs().max() > 1e-2  # temperature mattered
+
+
+def test_same_seed_same_samples(model):
+    a, b = (sample(model, PROMPTS, 10, top_p=0.9, generator=seeded(3)) for _ in range(2))
+    c = sample(model, PROMPTS, 10, top_p=0.9, generator=seeded(4))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logps, b.logps)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+@pytest.mark.parametrize("truncation", [dict(top_k=1), dict(top_p=1e-6)])
+def test_keeping_one_token_is_greedy(model, truncation):
+    greedy = sample(model, PROMPTS, 10, temperature=0)
+    out = sample(model, PROMPTS, 10, temperature=1.5, generator=seeded(), **truncation)
+    assert torch.equal(out.completion_ids, greedy.completion_ids)
+
+
+def test_draws_follow_the_distribution(model):
+    # 4000 one-token samples of one prompt: empirical frequencies match softmax(logits / T)
+    n, temperature = 4000, 3.0
+    out = sample(model, [PROMPTS[0]] * n, 1, temperature=temperature, generator=seeded())
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([PROMPTS[0]]))[0, -1] / temperature, -1)  # (V,)
+    freq = torch.bincount(out.completion_ids[:, 0], minlength=V) / n  # (V,)
+    assert (freq - probs).abs().max() < 0.03
+
+
+def test_too_long_is_an_error(model):
+    with pytest.raises(ValueError, match="exceeds max_seq_len=48"):
+        sample(model, PROMPTS, 42)
