@@ -3,6 +3,7 @@ Speed figures for posttrain, one function per benchmark:
 
     python bench.py --what sampler     new tokens/s of rollout.sample at several batch sizes, side by side
                                        with HF transformers' generate on the same weights if it is installed
+    python bench.py --what grpo        one GRPO step (rollout, old/reference log-probs, update), by phase
 
 This script (only this one, besides the test-fixture script) imports transformers, and only if present; the
 program never needs it. Timings are wall-clock medians after a warm-up run, on the threads torch is given.
@@ -91,7 +92,63 @@ def bench_sampler(args):
         print(line + f" {share:>17.0%}")
 
 
-BENCHMARKS = {"sampler": bench_sampler}
+def bench_grpo(args):
+    """Seconds of one GRPO step of posttrain.py at a fixed config, split into its phases.
+
+    The step is the stage's own code (sample_groups, chunked_logps, grpo_loss), not a re-implementation; the
+    model is --init (e.g. out/sft) or, by default, a fresh model of the default config (its completions are
+    then long and random, so pass an SFT checkpoint for realistic lengths).
+    """
+    from contextlib import nullcontext
+
+    import posttrain
+    from data import task
+    argv = ["--batch-size", str(args.grpo_prompts), "--group-size", str(args.group_size), "--kl-coef", "0.04"]
+    pargs = posttrain.stage_args(posttrain.get_args(argv), "grpo")
+    pargs.device, pargs.amp = "cpu", nullcontext
+    tok = task.load_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.init is None:
+            GPT(GPTConfig()).save_pretrained(tmp)
+        pargs.init_folder = args.init or tmp
+        policy = posttrain.load_model(pargs.init_folder, "cpu")
+        ctx = posttrain.setup_grpo(pargs, policy, tok)
+    ctx.update(policy=policy, tok=tok)
+    params = list(policy.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6)  # tiny lr: the step's cost, not its effect, is measured here
+    phases = {"rollout": [], "old logps": [], "ref logps": [], "update": []}
+    for rep in range(args.reps + 1):  # the first run is a warm-up
+        t0 = time.perf_counter()
+        _, _, _, roll = posttrain.sample_groups(ctx, pargs, tok)
+        t1 = time.perf_counter()
+        roll["old_logps"] = posttrain.chunked_logps(policy, roll, pargs)
+        t2 = time.perf_counter()
+        roll["ref_logps"] = posttrain.chunked_logps(ctx["ref"], roll, pargs)
+        t3 = time.perf_counter()
+        roll["adv"] = torch.randn(len(roll["old_logps"]))  # (B,) any advantages: the cost does not depend on them
+        roll["w"] = roll["completion_mask"].sum(1)
+        for _ in range(pargs.ppo_epochs):
+            for sl in posttrain.chunks(len(roll["w"]), pargs.micro_batch_size):
+                micro = {k: v[sl] for k, v in roll.items()}
+                loss, _ = posttrain.grpo_loss(ctx, pargs, micro)
+                (loss * micro["w"].sum() / roll["w"].sum()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        if rep > 0:
+            for key, t in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[key].append(t)
+    total = sum(statistics.median(v) for v in phases.values())
+    rows = len(roll["w"])
+    print(f"one GRPO step: {args.grpo_prompts} prompts x G={args.group_size} = {rows} completions, "
+          f"mean length {roll['completion_mask'].sum(1).float().mean():.1f} tokens, {pargs.ppo_epochs} passes, "
+          f"{torch.get_num_threads()} threads, median of {args.reps}")
+    for key, v in phases.items():
+        print(f"  {key:10s} {statistics.median(v):7.3f} s  ({100 * statistics.median(v) / total:4.1f}%)")
+    print(f"  {'total':10s} {total:7.3f} s")
+
+
+BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo}
 
 
 def main():
@@ -103,6 +160,10 @@ def main():
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256], help="sampler batch sizes")
     parser.add_argument("--prompt-len", type=int, default=16, help="sampler prompt length")
     parser.add_argument("--new-tokens", type=int, default=64, help="sampler tokens generated per row")
+    # grpo
+    parser.add_argument("--init", default=None, help="grpo: checkpoint folder of the policy (default: random)")
+    parser.add_argument("--grpo-prompts", type=int, default=16, help="grpo: prompts per step")
+    parser.add_argument("--group-size", type=int, default=8, help="grpo: completions per prompt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     BENCHMARKS[args.what](args)

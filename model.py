@@ -42,20 +42,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, max_len, theta):
-    """cos and sin of RoPE (Su et al. 2021) for every position < max_len, each (max_len, head_dim), fp32."""
+    """cos and sin of RoPE (Su et al. 2021) for every position < max_len, each (max_len, head_dim), fp32.
+
+    HF layout ("rotate_half"): frequency i turns the pair (i, i + hs/2), not (2i, 2i+1) as in the paper; the
+    two are equal up to a permutation of the q/k weights, and HF's makes HF checkpoints load as they are.
+    The sin table comes with the sign of rotate_half folded in, see apply_rope.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
-    # HF layout ("rotate_half"): frequency i drives dimensions i and i + hs/2, not 2i and 2i+1 as in the
-    # paper. The two are equal up to a permutation of q/k weights; we take HF's so its checkpoints load as is.
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hs)
-    return emb.cos(), emb.sin()
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)  # (max_len, hs)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)  # (max_len, hs), first half negated
+    return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, nh, T, hs) by the angles of its positions; cos, sin are (B, 1, T, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
-    rotated = torch.cat((-x2, x1), dim=-1)  # (B, nh, T, hs)
-    return x * cos + rotated * sin
+    """Rotate x (B, nh, T, hs) by the angles of its positions; cos, sin (B, 1, T, hs) from rope_tables.
+
+    HF writes x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1). cat(x2, x1) is roll(x, hs/2),
+    and the minus sits in our sin table, so the same numbers take one roll instead of a chunk, neg and cat:
+    this runs twice per layer per decode step, where kernel count, not arithmetic, is the cost.
+    """
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -82,9 +89,10 @@ class Attention(nn.Module):
         if cache is not None:
             # store this step's keys/values, attend over everything stored so far
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, T_total, hs)
-        # mask None means plain causal over T == T_total; enable_gqa lets each group of n_head / n_kv_head
+        # mask None = no padding: plain causal when these T tokens are the whole sequence, and no mask at all
+        # for a single decode token, which may see every key. enable_gqa lets each group of n_head / n_kv_head
         # query heads read one k/v head without materialising repeated copies
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.o_proj(y)
@@ -134,10 +142,10 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Write k, v (B, nkv, T, hs) at pos and return views of all stored positions (B, nkv, pos + T, hs)."""
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        T = k.size(2)
+        self.k[layer].narrow(2, self.pos, T).copy_(k)
+        self.v[layer].narrow(2, self.pos, T).copy_(v)
+        return self.k[layer].narrow(2, 0, self.pos + T), self.v[layer].narrow(2, 0, self.pos + T)
 
 
 # -----------------------------------------------------------------------------
@@ -205,16 +213,19 @@ class GPT(nn.Module):
         T_past = 0 if cache is None else cache.pos
         if T_past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T_past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if attn_mask is None and cache is not None:
+        if attn_mask is None and T > 1 and T_past > 0:
+            # a chunk appended to a cache needs a causal mask shifted by T_past: take the general path
             attn_mask = torch.ones(B, T_past + T, dtype=torch.long, device=idx.device)
         if attn_mask is None:
-            # the common training case: no padding, positions 0..T-1, causal mask built inside SDPA
-            pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+            # no padding (training, or a sampler whose prompts are all the same length): every row has
+            # positions T_past..T_past+T-1, a plain slice of the tables, and SDPA needs no mask (see Attention)
+            cos = self.rope_cos[T_past:T_past + T]  # (T, hs), broadcast over batch and heads
+            sin = self.rope_sin[T_past:T_past + T]  # (T, hs)
             mask = None
         else:
-            pos, mask = self._positions_and_mask(attn_mask, T)
-        cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
-        sin = self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hs)
+            pos, mask = self._positions_and_mask(attn_mask, T, self.lm_head.weight.dtype)  # (B, T), (B, 1, T, T_total)
+            cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
+            sin = self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hs)
 
         x = self.model.embed_tokens(idx)  # (B, T, D)
         for block in self.model.layers:
@@ -225,22 +236,21 @@ class GPT(nn.Module):
         return x if return_hidden else self.lm_head(x)  # (B, T, V)
 
     @staticmethod
-    def _positions_and_mask(attn_mask, T):
-        """Positions (B, T) and SDPA's boolean mask (B, 1, T, T_total) for the last T of T_total tokens."""
+    def _positions_and_mask(attn_mask, T, dtype):
+        """Positions (B, T) and SDPA's additive mask (B, 1, T, T_total) for the last T of T_total tokens."""
         T_total = attn_mask.size(1)
-        real = attn_mask.bool()  # (B, T_total)
         # a token's position is the number of real tokens before it, so left padding does not shift it;
         # pads get -1, clamped to 0 (their rows are garbage that no one reads)
         pos = (attn_mask.cumsum(-1) - 1).clamp(min=0)[:, T_total - T:]  # (B, T)
-        if T == 1:
-            # one new token (a decode step): it is last, so causality allows every key; only pads are hidden
-            return pos, real[:, None, None, :]  # (B, 1, 1, T_total)
-        q_idx = torch.arange(T_total - T, T_total, device=attn_mask.device)[:, None]  # (T, 1)
-        k_idx = torch.arange(T_total, device=attn_mask.device)[None, :]  # (1, T_total)
+        k_idx = torch.arange(T_total, device=attn_mask.device)  # (T_total,)
+        q_idx = k_idx[T_total - T:, None]  # (T, 1) the new tokens are the last T
         # causal AND key is real; plus the diagonal, so a pad query still sees one key: a row with every
         # key masked would make SDPA's softmax 0/0 = NaN, and NaN leaks into gradients even where masked
-        mask = ((k_idx <= q_idx) & real[:, None, :]) | (k_idx == q_idx)  # (B, T, T_total)
-        return pos, mask.unsqueeze(1)  # (B, 1, T, T_total)
+        # (and, through the KV cache, into later real tokens)
+        allowed = ((k_idx <= q_idx) & attn_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, T_total)
+        # SDPA would turn a boolean mask into this additive 0 / -inf form in every layer; once here serves all
+        mask = torch.where(allowed, 0.0, float("-inf")).to(dtype)  # (B, T, T_total)
+        return pos, mask.unsqueeze(1)  # (B, 1, T, T_total), broadcast over heads
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, eos_id=None, generator=None):

@@ -45,9 +45,8 @@ def left_pad(prompts, pad_id, device=None):
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)  # (B, P)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)  # (B, P)
     for i, p in enumerate(prompts):
-        if p:
-            ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, P - len(p):] = 1
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -85,6 +84,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     had already finished are dropped. logps are of logits/temperature without top-k/top-p; with temperature 0
     they are the temperature-1 log-probs of the argmax tokens.
     """
+    if min(len(p) for p in prompts) == 0 or max_new_tokens < 1:
+        raise ValueError("sample: every prompt needs a token (e.g. BOS) and max_new_tokens must be >= 1")
     device = model.lm_head.weight.device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P), (B, P)
     B, P = prompt_ids.shape
@@ -94,42 +95,52 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
                          f"max_seq_len={model.config.max_seq_len}")
     cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
     # attention mask for the whole rollout: the prompt's padding, then every generated column counts as real.
-    # Tokens after a row's EOS are pads we feed anyway; they come after everything the row keeps, so causality
-    # already stops them from influencing it.
+    # Tokens after a row's EOS are garbage we feed anyway; they come after everything the row keeps, so
+    # causality already stops them from influencing it.
     attn_mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B, P + N_max)
     attn_mask[:, :P] = prompt_mask
+    # with no padding at all the model needs no mask: positions are a slice of its tables and a decode step
+    # attends to every key, which saves building and applying a mask in every step and layer
+    padded = not bool(prompt_mask.all())
 
-    completion_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N_max)
-    completion_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)  # (B, N_max)
-    logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=device)  # (B, N_max)
-    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
     # prefill: one forward over all prompts; only the last position's logits are needed, so we take the
     # hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
-    hidden = model(prompt_ids, attn_mask[:, :P], cache=cache, return_hidden=True)  # (B, P, D)
+    hidden = model(prompt_ids, attn_mask[:, :P] if padded else None, cache=cache, return_hidden=True)  # (B, P, D)
     logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
-    scale = 1.0 if temperature == 0 else 1.0 / temperature  # greedy reports temperature-1 log-probs
+    # per-step results go into lists and are stacked once at the end: fewer kernels in the loop than
+    # writing into preallocated (B, N) tensors column by column
+    ids, logps, finished = [], [], []
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
     for t in range(max_new_tokens):
-        logits = logits * scale  # (B, V) the distribution we report log-probs of
+        if temperature not in (0, 1):
+            logits = logits / temperature  # (B, V) the distribution we report log-probs of
         if temperature == 0:
             next_id = logits.argmax(-1)  # (B,)
         else:
             probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V)
-            next_id = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-        logp = gather_logprobs(logits, next_id)  # (B,)
-        # rows that finished before this step emit pad with mask 0 and log-prob 0
-        live = ~done  # (B,)
-        completion_ids[:, t] = next_id.masked_fill(done, pad_id)
-        completion_mask[:, t] = live
-        logps[:, t] = logp.masked_fill(done, 0.0)
+            # argmax(p / E) with E ~ Exp(1) i.i.d. is an exact draw from p (the smallest of independent
+            # exponentials E_v / p_v is E_j / p_j with probability p_j); unlike torch.multinomial it needs
+            # no input validation and, on a GPU, no sync
+            noise = torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
+            next_id = (probs / noise).argmax(-1)  # (B,)
+        ids.append(next_id)
+        logps.append(gather_logprobs(logits, next_id))  # (B,) of the untruncated tempered distribution
+        finished.append(done)  # rows already finished before this token: they get pad, mask 0, logp 0
         if eos_id is not None:
-            done = done | (next_id == eos_id)
+            done = done | (next_id == eos_id)  # (B,)
             if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
                 break
         if t + 1 < max_new_tokens:
-            # one new column for every row; cache.pos advances by 1
-            logits = model(next_id[:, None], attn_mask[:, :P + t + 1], cache=cache)[:, -1].float()  # (B, V)
+            # one new column for every row, finished or not (no per-row work); cache.pos advances by 1
+            step_mask = attn_mask[:, :P + t + 1] if padded else None  # (B, P + t + 1)
+            logits = model(next_id[:, None], step_mask, cache=cache)[:, -1].float()  # (B, V)
+
+    finished = torch.stack(finished, dim=1)  # (B, N)
+    completion_mask = (~finished).long()  # (B, N) 1 up to and including EOS
     N = int(completion_mask.sum(-1).max())  # drop trailing columns where every row had finished
-    return Samples(prompt_ids, prompt_mask, completion_ids[:, :N], completion_mask[:, :N], logps[:, :N])
+    completion_ids = torch.stack(ids, dim=1).masked_fill(finished, pad_id)[:, :N]  # (B, N)
+    logps = torch.stack(logps, dim=1).masked_fill(finished, 0.0)[:, :N]  # (B, N)
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps)
 
 
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):

@@ -41,7 +41,7 @@ a flag, all held in FILES below):
 Completions in the files carry no EOS; whoever tokenizes appends it. Every string field uses only the
 tokenizer's alphabet "0123456789+-=;#".
 
-verify(prompt, completion) -> Verdict, on text (decode() already cut the ids at EOS), never eval():
+verify(prompt, completion) -> Verdict, on text (decode() already cut the ids at EOS), parsed, never run:
 
   * Steps. Every ';' in the completion ends one step; step k is the text between the previous ';' (or
     the start) and its ';', and step_ends[k] is the character offset of that ';' (= its token offset in

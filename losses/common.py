@@ -1,7 +1,7 @@
 """The three helpers every loss in losses/ shares: IGNORE_INDEX, the log-prob function, masked_mean.
 
-This file imports only torch. The other files in losses/ import at most `masked_mean` or `IGNORE_INDEX`
-from here (see the note at the top of each). Shapes: B batch, T time, V vocab.
+This file imports only torch. The other files in losses/ take at most `masked_mean` or `IGNORE_INDEX`
+from this one (see the note at the top of each). Shapes: B batch, T time, V vocab.
 """
 
 import torch

@@ -43,7 +43,6 @@ def small_data(folder, n=256):
 
 def stage_ctx(name, argv):
     """What train_stage does before its loop: the stage's flags, the init model, the stage's ctx."""
-    torch.set_num_threads(1)  # as main() does with --threads 1: the cores are shared
     args = posttrain.stage_args(posttrain.get_args(argv), name)
     args.device, args.amp, args.init_folder = "cpu", nullcontext, args.init
     tok = task.load_tokenizer()
