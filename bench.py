@@ -27,15 +27,18 @@ COMPUTE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_produc
                "aten::_scaled_dot_product_cudnn_attention")
 
 
-def median_time(fn, reps):
-    """Median wall-clock seconds of fn() over reps runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def median_times(fns, reps):
+    """Median wall-clock seconds of each fn() over reps rounds, after one warm-up call each. The fns take
+    turns within a round, so a change in machine load (shared machines) hits them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def compute_share(fn):
@@ -49,14 +52,15 @@ def compute_share(fn):
 
 
 def load_hf(model):
-    """The same weights in transformers, read from a folder our save_pretrained wrote; None if not installed."""
+    """The same weights in transformers, read from a folder save_pretrained wrote; None if not installed."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    return hf.eval()
 
 
 def bench_sampler(args):
@@ -73,23 +77,21 @@ def bench_sampler(args):
         prompt_ids = torch.randint(3, model.config.vocab_size, (B, args.prompt_len), generator=gen)  # (B, P)
         prompts = prompt_ids.tolist()
 
-        def ours():
-            return sample(model, prompts, args.new_tokens, temperature=1.0, generator=gen)
-
-        ours_s = median_time(ours, args.reps)
-        share = compute_share(ours)
-        line = f"{B:>6} {B * args.new_tokens / ours_s:>11.0f}"
+        fns = {"ours": lambda: sample(model, prompts, args.new_tokens, temperature=1.0, generator=gen)}
         if hf is not None:
             # top_k=0 switches off HF's default top-k of 50; no EOS id and min_new_tokens pin the length
-            kwargs = dict(attention_mask=torch.ones_like(prompt_ids), do_sample=True, temperature=1.0, top_k=0,
-                          top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            kwargs = dict(attention_mask=torch.ones_like(prompt_ids), do_sample=True, temperature=1.0,
+                          top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                           use_cache=True, eos_token_id=None, pad_token_id=0)
-            with torch.inference_mode():
-                hf_s = median_time(lambda: hf.generate(prompt_ids, **kwargs), args.reps)
-            line += f" {B * args.new_tokens / hf_s:>9.0f} {hf_s / ours_s:>7.2f}x"
+            fns["hf"] = torch.inference_mode()(lambda: hf.generate(prompt_ids, **kwargs))
+        secs = median_times(fns, args.reps)
+        tok_s = {name: B * args.new_tokens / s for name, s in secs.items()}
+        share = compute_share(fns["ours"])
+        if hf is not None:
+            theirs = f"{tok_s['hf']:>9.0f} {secs['hf'] / secs['ours']:>7.2f}x"
         else:
-            line += f" {'-':>9} {'-':>8}"
-        print(line + f" {share:>17.0%}")
+            theirs = f"{'-':>9} {'-':>8}"
+        print(f"{B:>6} {tok_s['ours']:>11.0f} {theirs} {share:>17.0%}")
 
 
 def bench_grpo(args):

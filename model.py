@@ -34,8 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm is one fused kernel; HF normalises in fp32 and casts back before the weight, which in
-        # fp32 is the same number and in bf16 differs by a rounding, so we match HF's order exactly.
+        # x * rsqrt(mean(x^2) + eps) * weight. HF normalises in fp32 and casts back to the input dtype before
+        # applying the weight: in fp32 that is the one call below, in bf16 we follow HF's order exactly
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
@@ -141,7 +141,7 @@ class KVCache:
         self.pos = 0
 
     def update(self, layer, k, v):
-        """Write k, v (B, nkv, T, hs) at pos and return views of all stored positions (B, nkv, pos + T, hs)."""
+        """Write k, v (B, nkv, T, hs) at pos; return views of all stored positions, (B, nkv, pos + T, hs)."""
         T = k.size(2)
         self.k[layer].narrow(2, self.pos, T).copy_(k)
         self.v[layer].narrow(2, self.pos, T).copy_(v)
@@ -206,24 +206,27 @@ class GPT(nn.Module):
     def forward(self, idx, attn_mask=None, cache=None, return_hidden=False):
         """idx (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
-        attn_mask (B, T_past + T): 1 real, 0 left padding, covering the cached positions too. None = no padding.
+        attn_mask (B, T_past + T): 1 real, 0 left padding, covering cached positions too. None = no padding.
         cache: a KVCache holding T_past = cache.pos positions; this call appends T more.
         """
         B, T = idx.shape
         T_past = 0 if cache is None else cache.pos
         if T_past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T_past + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None and T_past + T > cache.max_len:
+            raise ValueError(f"sequence of {T_past + T} tokens exceeds the cache's max_len={cache.max_len}")
         if attn_mask is None and T > 1 and T_past > 0:
             # a chunk appended to a cache needs a causal mask shifted by T_past: take the general path
             attn_mask = torch.ones(B, T_past + T, dtype=torch.long, device=idx.device)
         if attn_mask is None:
             # no padding (training, or a sampler whose prompts are all the same length): every row has
-            # positions T_past..T_past+T-1, a plain slice of the tables, and SDPA needs no mask (see Attention)
+            # positions T_past..T_past+T-1, a slice of the tables, and SDPA needs no mask (see Attention)
             cos = self.rope_cos[T_past:T_past + T]  # (T, hs), broadcast over batch and heads
             sin = self.rope_sin[T_past:T_past + T]  # (T, hs)
             mask = None
         else:
-            pos, mask = self._positions_and_mask(attn_mask, T, self.lm_head.weight.dtype)  # (B, T), (B, 1, T, T_total)
+            # (B, T), (B, 1, T, T_total)
+            pos, mask = self._positions_and_mask(attn_mask, T, self.lm_head.weight.dtype)
             cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, hs), broadcast over heads
             sin = self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hs)
 
@@ -306,9 +309,9 @@ class GPT(nn.Module):
             tok_text = Path(tokenizer_path).read_text()
             # special token ids, if the tokenizer has tokens of those names, so HF generate knows them too
             added = {t["content"]: t["id"] for t in json.loads(tok_text).get("added_tokens", [])}
-            for key, name in (("bos_token_id", "<bos>"), ("eos_token_id", "<eos>"), ("pad_token_id", "<pad>")):
-                if name in added:
-                    hf[key] = added[name]
+            for name in ("bos", "eos", "pad"):
+                if f"<{name}>" in added:
+                    hf[f"{name}_token_id"] = added[f"<{name}>"]
             (folder / "tokenizer.json").write_text(tok_text)
         (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
@@ -328,18 +331,23 @@ class GPT(nn.Module):
         if not config_file.is_file():
             raise ValueError(f"{folder}: no config.json, not a model folder")
         hf = json.loads(config_file.read_text())
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [key for key in required if key not in hf]
+        if missing:
+            raise ValueError(f"{config_file}: missing {', '.join(missing)}")
         arch = (hf.get("architectures") or ["(none)"])[0]
         if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
             raise ValueError(f"{config_file}: unsupported architecture {arch}, expected Llama or Qwen2")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
         unsupported = [
             ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
             ("rope type", rope.get("rope_type", rope.get("type", "default")) != "default"),
             ("attention_bias", arch == "LlamaForCausalLM" and hf.get("attention_bias", False)),
             ("mlp_bias", hf.get("mlp_bias", False)),
             ("sliding window", hf.get("use_sliding_window", False)),
-            ("head_dim", hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
-             != hf["hidden_size"] // hf["num_attention_heads"]),
+            ("head_dim", hf.get("head_dim", head_dim) != head_dim),  # we derive it as hidden / heads
         ]
         for what, bad in unsupported:
             if bad:

@@ -2,22 +2,27 @@
 The batched KV-cache sampler: left-padded prompts -> completions, their masks and log-probs.
 
 It is the hot path of every on-policy stage (GRPO, PPO, RFT, on-policy distillation), so it is written for
-speed as much as a reference can be:
+speed as much as a reference can be. On small models a decode step is a few hundred tiny kernels, so the cost
+is their number, not their arithmetic; everything here serves to keep the loop down to the model's own
+matrix products and attention:
 
   * one prefill forward over all prompts, then one single-token forward per new token for the whole batch;
-    no per-row Python in the decode loop, finished rows keep riding along (emitting pad_id, mask 0);
-  * one KVCache preallocated for prompt_len + max_new_tokens, written in place;
+    no per-row Python in the decode loop: finished rows keep riding along and are masked once at the end;
+  * one KVCache preallocated for prompt_len + max_new_tokens, written in place (no growing torch.cat);
   * the attention mask is preallocated too (prompt mask, then ones) and each step passes a slice of it;
-    the model turns a single-token step into positions and a key mask with a couple of cheap ops and
-    reads cos/sin from RoPE tables computed once at construction;
+    when no prompt is padded we pass no mask at all, and the model reads positions straight off its RoPE
+    tables, computed once at construction;
+  * sampling is argmax(p / Exp(1) noise), the same distribution as torch.multinomial in three kernels;
+  * per-step results are collected in lists and stacked once;
   * the only host-device sync is the "all rows finished?" check, done every CHECK_EVERY steps.
 
 Left padding keeps every row's last prompt token in the same column, so one new column per step serves all
 rows; positions come from the mask (model.py), so padding changes nothing a row computes.
 
-Log-probs (DESIGN "Conventions", PITFALLS item 8): the log-prob of each sampled token under logits/temperature,
-the full distribution, NOT the top-k/top-p truncated one the token was drawn from. That is what the policy
-and reference compute with completion_logps, so the PPO/GRPO ratio is exactly 1 before an update.
+Log-probs (DESIGN "Conventions", PITFALLS item 8): the log-prob of each sampled token under
+logits/temperature, the full distribution, NOT the top-k/top-p truncated one the token was drawn from. That is
+what the policy and reference compute with completion_logps, so the PPO/GRPO ratio is exactly 1 before an
+update.
 """
 
 from dataclasses import dataclass
@@ -42,12 +47,9 @@ class Samples:
 def left_pad(prompts, pad_id, device=None):
     """list of B token-id lists -> ids (B, P) and mask (B, P), padded on the left to the longest prompt."""
     P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)  # (B, P)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)  # (B, P)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)  # (B, P)
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, P)
+    return ids, mask
 
 
 def filter_logits(logits, top_k=None, top_p=None):
@@ -66,8 +68,8 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 @torch.inference_mode()
-def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, generator=None,
-           pad_id=0):
+def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+           generator=None, pad_id=0):
     """Sample completions for a batch of prompts with a KV cache.
 
     Args:
@@ -105,7 +107,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
 
     # prefill: one forward over all prompts; only the last position's logits are needed, so we take the
     # hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
-    hidden = model(prompt_ids, attn_mask[:, :P] if padded else None, cache=cache, return_hidden=True)  # (B, P, D)
+    prefill_mask = attn_mask[:, :P] if padded else None  # (B, P)
+    hidden = model(prompt_ids, prefill_mask, cache=cache, return_hidden=True)  # (B, P, D)
     logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
     # per-step results go into lists and are stacked once at the end: fewer kernels in the loop than
     # writing into preallocated (B, N) tensors column by column

@@ -24,8 +24,8 @@ from model import GPT, GPTConfig  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "fixtures"
 VOCAB, GREEDY_TOKENS = 64, 8
-TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, max_position_embeddings=64, rms_norm_eps=1e-5,
+TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, rms_norm_eps=1e-5,
             rope_parameters=dict(rope_type="default", rope_theta=500.0))  # not the default theta, on purpose
 
 
@@ -67,8 +67,9 @@ def main():
     # the other direction: our save_pretrained, read back by transformers
     for name, qkv_bias, tied, seed in (("ours_llama", False, False, 3), ("ours_qwen2", True, True, 4)):
         torch.manual_seed(seed)
-        ours = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
-                             max_seq_len=64, rope_theta=500.0, qkv_bias=qkv_bias, tie_embeddings=tied))
+        ours = GPT(GPTConfig(vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                             intermediate_size=64, max_seq_len=64, rope_theta=500.0, qkv_bias=qkv_bias,
+                             tie_embeddings=tied))
         randomize(ours, seed)
         ours.save_pretrained(OUT / name)
         theirs = AutoModelForCausalLM.from_pretrained(OUT / name, attn_implementation="eager",

@@ -52,9 +52,9 @@ def test_our_checkpoint_gives_hf_logits(recorded, name, tmp_path):
     assert (logits - recorded[f"{name}_logits"]).abs().max() <= 1e-5
     # and today's save_pretrained still writes what transformers was shown: same config, same tensors
     model.save_pretrained(tmp_path)
-    config_now, config_then = (json.loads((f / "config.json").read_text()) for f in (tmp_path, FIXTURES / name))
-    assert config_now == config_then
-    ours, committed = load_file(tmp_path / "model.safetensors"), load_file(FIXTURES / name / "model.safetensors")
+    now, then = tmp_path, FIXTURES / name
+    assert json.loads((now / "config.json").read_text()) == json.loads((then / "config.json").read_text())
+    ours, committed = load_file(now / "model.safetensors"), load_file(then / "model.safetensors")
     assert ours.keys() == committed.keys()
     assert all(torch.equal(ours[k], committed[k]) for k in ours)
 
@@ -90,7 +90,8 @@ def test_fresh_score_head_is_zero():
 
 def test_tokenizer_ids_in_config(tmp_path):
     tok = tmp_path / "tok.json"
-    tok.write_text(json.dumps({"added_tokens": [{"id": 0, "content": "<pad>"}, {"id": 2, "content": "<eos>"}]}))
+    added = [{"id": 0, "content": "<pad>"}, {"id": 2, "content": "<eos>"}]
+    tok.write_text(json.dumps({"added_tokens": added}))
     tiny().save_pretrained(tmp_path / "m", tokenizer_path=tok)
     hf = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (hf["pad_token_id"], hf["eos_token_id"], "bos_token_id" in hf) == (0, 2, False)
@@ -150,18 +151,23 @@ def test_gqa_shapes():
     assert cache.k.shape == (TINY["n_layer"], 3, TINY["n_kv_head"], 20, hs)
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("padded", [True, False])
+def test_kv_cache_matches_full_forward(padded):
     model = tiny()
     idx = torch.randint(0, TINY["vocab_size"], (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :4] = 0  # one left-padded row
     mask[2, :1] = 0
+
+    def m(t):  # the mask for the first t tokens; None (the no-padding fast path) when unpadded
+        return mask[:, :t] if padded else None
+
     with torch.no_grad():
-        full = model(idx, mask)  # (B, T, V)
+        full = model(idx, m(12))  # (B, T, V)
         cache = KVCache(model.config, batch_size=3, max_len=12)
         # a prefill of 5, a chunk of 3, then one token at a time, as a sampler and a multi-turn rollout would
-        pieces = [model(idx[:, :5], mask[:, :5], cache), model(idx[:, 5:8], mask[:, :8], cache)]
-        pieces += [model(idx[:, t:t + 1], mask[:, :t + 1], cache) for t in range(8, 12)]
+        pieces = [model(idx[:, :5], m(5), cache), model(idx[:, 5:8], m(8), cache)]
+        pieces += [model(idx[:, t:t + 1], m(t + 1), cache) for t in range(8, 12)]
     assert cache.pos == 12
     assert (torch.cat(pieces, dim=1) - full).abs().max() <= 1e-5
 

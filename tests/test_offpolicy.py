@@ -148,21 +148,29 @@ def test_dpo_preference_accuracy_rises_on_held_out_pairs(tmp_path, toy_data):
     assert ev["after"]["pair_margin"] > 0
 
 
-def test_self_pairs_pair_a_correct_sample_with_a_wrong_one(tmp_path, monkeypatch):
-    # 3 prompts x G=3 samples: prompt 0 mixed, prompt 1 all wrong, prompt 2 mixed
-    correct = torch.tensor([[0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=torch.bool)
-    completions = [[10 + i] for i in range(9)]  # sample i of the flat (prompt-major) list is [10 + i]
+def test_self_pairs_pair_a_fully_right_sample_with_a_wrong_one(tmp_path, monkeypatch):
+    # 3 prompts x G=3 samples; "clean" = worked solution, "lucky" = the right answer with no steps, "wrong"
+    kinds = [["wrong", "clean", "wrong"], ["wrong", "wrong", "lucky"], ["clean", "lucky", "wrong"]]
 
     def fake_solve(model, tok, prompts, n, temperature, args, seed, return_ids=False):
         assert n == 3 and return_ids and len(prompts) == 3
-        return correct, None, completions
+        texts = []
+        for prompt, row in zip(prompts, kinds):
+            problem = task.parse_prompt(prompt)
+            text = {"clean": task.solution(problem), "lucky": f"#{problem.answer}",
+                    "wrong": f"#{problem.answer + 1}"}
+            texts += [text[k] for k in row]
+        correct = torch.tensor([[k != "wrong" for k in row] for row in kinds])  # (3, 3) outcome only
+        return correct, texts, [[10 + i] for i in range(9)]  # sample i of the flat list is [10 + i]
 
     monkeypatch.setattr(posttrain, "solve", fake_solve)
-    args = posttrain.get_args(["--group-size", "3", "--pair-prompts", "3", "--pairs", "self"])
+    args = posttrain.get_args(["--group-size", "3", "--pair-prompts", "3", "--pairs", "self",
+                               "--data-dir", small_data(tmp_path / "data", 64)])
     pairs = posttrain.self_pairs(args, None, task.load_tokenizer())
-    assert len(pairs) == 2  # the all-wrong prompt gives no pair
+    # prompt 1 has no fully right sample (lucky is right by outcome only): no pair; lucky is never rejected
+    assert len(pairs) == 2
     assert pairs[0][1] == [11] and pairs[0][2] in ([10], [12])
-    assert pairs[1][1] in ([16], [17]) and pairs[1][2] == [18]
+    assert pairs[1][1] == [16] and pairs[1][2] == [18]
 
 
 # ------------------------------------------------------------------------------------------------------- rm
