@@ -121,6 +121,9 @@ def get_args(argv=None):
                    help="dpo --loss-type simpo: target reward margin")
     g.add_argument("--label-smoothing", type=float, default=0.0,
                    help="dpo sigmoid: assumed rate of flipped preference labels (cDPO); 0 = plain DPO")
+    g.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="dpo: weight of an NLL term on the chosen completion, per token (RPO, Pang et al. "
+                        "2024); 0 = plain DPO")
     g.add_argument("--teacher", default=None,
                    help="distill: the teacher's checkpoint folder (unset: OUT_DIR/grpo, built if missing; "
                         "in a pipeline: the previous stage's output)")
@@ -561,6 +564,9 @@ def setup_dpo(args, policy, tok):
         3. IPO and hinge use summed log-probs like DPO (the IPO authors average per token); SimPO averages, as
            its paper does, counting EOS as a completion token.
         4. No SFT-on-chosen warm start inside the stage: the init (by default the sft stage's output) is it.
+        5. --rpo-alpha adds alpha * (the chosen completion's mean per-token NLL) to each pair's loss, as the
+           RPO paper (Pang et al. 2024, arXiv 2404.19733, eq. 3) does for reasoning chains: plain DPO may
+           lower the likelihood of the chosen solutions too, as long as the rejected fall faster.
     """
     if args.beta is None:
         # SimPO's beta scales an average log-prob, DPO's a sum
@@ -588,8 +594,12 @@ def dpo_terms(model, args, mb):
         rejected_avg = rejected / mb["rejected_mask"].sum(1)  # (B,)
         losses = simpo_loss(chosen_avg, rejected_avg, beta=args.beta, gamma=args.simpo_gamma)  # (B,)
         return losses, args.beta * chosen_avg.detach(), args.beta * rejected_avg.detach()
-    return dpo_loss(chosen, rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"], beta=args.beta,
-                    loss_type=args.loss_type, label_smoothing=args.label_smoothing)  # 3 x (B,)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        chosen, rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"], beta=args.beta,
+        loss_type=args.loss_type, label_smoothing=args.label_smoothing)  # 3 x (B,)
+    if args.rpo_alpha > 0:
+        losses = losses - args.rpo_alpha * chosen / mb["chosen_mask"].sum(1)  # + alpha * per-token NLL (B,)
+    return losses, chosen_rewards, rejected_rewards
 
 
 def dpo_stage_loss(ctx, args, mb):
@@ -666,9 +676,10 @@ def setup_grpo(args, policy, tok):
     rows = read_rows(args, "rl", {"prompt": str, "answer": int})
     ctx = {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
            "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
-    if args.kl_coef > 0:
-        # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0
-        ctx["ref"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
+    # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0.
+    # Held even at --kl-coef 0 (the default), when it only feeds the logged kl_ref: how far the policy has
+    # drifted from its init is the first thing to watch in an RL run. It costs one forward per batch (~10%).
+    ctx["ref"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
     setup_reward(ctx, args)  # --reward rm | prm: the frozen scorer that replaces the verifier
     return ctx
 
@@ -712,8 +723,8 @@ def sample_groups(ctx, args, tok):
 def grpo_batch(ctx, args, step):
     tok, G = ctx["tok"], args.group_size
     prompts, texts, verdicts, roll = sample_groups(ctx, args, tok)
-    rewards = torch.tensor([float(v.correct) for v in verdicts])  # (B,) outcome reward from the verifier
     mask = roll["completion_mask"].float()  # (B, N)
+    rewards = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
     stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item(),
              "zero_std_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item()}
     steps = None
@@ -729,7 +740,7 @@ def grpo_batch(ctx, args, step):
         roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B, N)
         kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind)  # (B, N)
         stats["kl_ref"] = masked_mean(kl, mask).item()
-        if args.kl_in == "reward":
+        if args.kl_coef > 0 and args.kl_in == "reward":
             # KL as a per-sequence penalty folded into the reward before the group normalisation
             rewards = rewards - args.kl_coef * (kl * mask).sum(1)
     if args.advantage == "rloo":
@@ -739,7 +750,7 @@ def grpo_batch(ctx, args, step):
     if steps is not None:
         # process supervision (DeepSeekMath Sec. 4.1.3): a token's advantage is the sum of the group-normalised
         # PRM rewards of the steps that end at or after it. The KL folded into `rewards` above would be lost.
-        if "ref" in ctx and args.kl_in == "reward":
+        if args.kl_coef > 0 and args.kl_in == "reward":
             sys.exit("posttrain: error: grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); "
                      "drop --kl-in reward")
         adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B, N)
@@ -772,7 +783,7 @@ def grpo_loss(ctx, args, mb):
     logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
     loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
                                 clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg)
-    if "ref_logps" in mb and args.kl_in == "loss":
+    if args.kl_coef > 0 and args.kl_in == "loss":
         kl = kl_penalty(logps, mb["ref_logps"], kind=args.kl_kind)  # (B, N)
         loss = loss + args.kl_coef * masked_mean(kl, mask)
     metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
@@ -894,7 +905,7 @@ def learned_rewards(ctx, args, roll, stats):
 
 
 def setup_ppo(args, policy, tok):
-    # prompts, their order, the sampler's generator, the frozen reference (--kl-coef > 0), the --reward scorer
+    # prompts, their order, the sampler's generator, the frozen reference, the --reward scorer
     ctx = setup_grpo(args, policy, tok)
     # The critic is a SEPARATE copy of the init weights with a zero-initialised score head (InstructGPT,
     # OpenRLHF), not a value head on the policy's trunk. A shared trunk is cheaper, but then value and policy
@@ -917,7 +928,7 @@ def ppo_token_rewards(score, kl, mask, kl_coef):
     LAST REAL token (the EOS; PITFALLS item 5: never on the first pad). score (B,), kl and mask (B, N)."""
     last = mask.sum(1).long() - 1  # (B,) index of the last real token (completions are contiguous from 0)
     rewards = -kl_coef * kl * mask  # (B, N)
-    rewards[torch.arange(len(score)), last] += score.to(rewards.dtype)
+    rewards[torch.arange(len(score), device=mask.device), last] += score.to(rewards.dtype)
     return rewards  # (B, N)
 
 
@@ -1568,7 +1579,7 @@ STAGES = {
                  "policy", dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=20,
                                 ppo_epochs=1, log_every=50)),
     "grpo": Stage("on-policy", "policy reshaping", "sft", setup_grpo, grpo_batch, grpo_loss,
-                  "policy, reference (if --kl-coef > 0)",
+                  "policy, reference (for the logged KL; in the loss if --kl-coef > 0)",
                   dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2,
                        kl_coef=0.0, dynamic_sampling=True, log_every=5)),
     "ppo": Stage("on-policy", "policy reshaping", "sft", setup_ppo, ppo_batch, ppo_loss,
@@ -1667,6 +1678,7 @@ def train_stage(user_args, name):
             g["lr"] = lr
         # --- a batch: from data (off-policy) or from the policy's own rollouts (on-policy)
         batch, stats = stage.make_batch(ctx, args, step)
+        batch = {k: v.to(args.device) for k, v in batch.items()}  # data stages build theirs on the CPU
         n_rows = len(batch["w"])
         row_metrics = []
         for epoch in range(args.ppo_epochs):

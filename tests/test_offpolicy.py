@@ -114,6 +114,27 @@ def test_simpo_needs_no_reference(tmp_path):
     assert loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-5)
 
 
+def test_rpo_adds_the_chosen_per_token_nll(tmp_path):
+    """At init the DPO part is ln 2, so the loss is ln 2 + alpha * mean over pairs of the chosen completion's
+    per-token NLL, here recomputed from one unpadded forward per pair."""
+    init = tiny_checkpoint(tmp_path / "init")
+    ctx, args = stage_ctx("dpo", ["--init", init, "--data-dir", small_data(tmp_path / "data", 64),
+                                  "--batch-size", "8", "--eval-problems", "8", "--rpo-alpha", "0.5"])
+    ctx["order"] = posttrain.Shuffler(len(ctx["train"]["pairs"]), 0)
+    batch, _ = STAGES["dpo"].make_batch(ctx, args, 0)
+    loss, metrics = STAGES["dpo"].loss(ctx, args, batch)
+    nll = []
+    with torch.no_grad():
+        for i in posttrain.Shuffler(len(ctx["train"]["pairs"]), 0).take(8):
+            prompt, chosen, _ = ctx["train"]["pairs"][i]
+            ids = torch.tensor([prompt + chosen])
+            logp = torch.log_softmax(ctx["policy"](ids)[0].double(), -1)  # (T, V)
+            nll.append(-sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1])) / len(chosen))
+    assert nll and min(nll) > 0
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), abs=1e-5)
+    assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)  # the NLL term leaves the implicit rewards alone
+
+
 def test_sequence_logps_count_completion_tokens_only(tmp_path):
     """Padding and prompt add nothing (PITFALLS item 10): a pair's log-prob is the same alone or padded in a
     batch, and equals the sum over its completion tokens of an unpadded forward."""

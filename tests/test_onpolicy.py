@@ -55,11 +55,12 @@ def seq_logps(model, roll, args):
 # grpo / ppo: the first update, the direction of an update, equal rewards
 
 
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
-def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, stage):
+@pytest.mark.parametrize("stage,kl_coef", [("grpo", "0.1"), ("grpo", "0"), ("ppo", "0.1")])
+def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, stage, kl_coef):
     init = tiny_folder(tmp_path / "init")
-    # 6 rows in micro-batches of 4: the rollout's log-probs and the update's forward see the same chunks
-    args = stage_args(stage, init, "--kl-coef", "0.1", "--batch-size", "2", "--group-size", "3",
+    # 6 rows in micro-batches of 4: the rollout's log-probs and the update's forward see the same chunks.
+    # At --kl-coef 0 the KL is still measured and logged, and must be 0 too.
+    args = stage_args(stage, init, "--kl-coef", kl_coef, "--batch-size", "2", "--group-size", "3",
                       "--max-new-tokens", "12", "--micro-batch-size", "4", "--no-dynamic-sampling")
     policy = GPT.from_pretrained(init)
     ctx = posttrain.STAGES[stage].setup(args, policy, TOK)
