@@ -871,14 +871,16 @@ def learned_rewards(ctx, args, roll, stats):
            output becomes a number.
         3. The PRM stays frozen; DeepSeekMath's iterative RL retrains it on the policy's new samples.
 
-    NOTE, measured (40 GRPO steps at the grpo defaults from a 0.74M sft model, PRM of 0.82 held-out step
-    accuracy): process supervision collapsed (held-out greedy pass@1 51% -> 13%; outcome-only GRPO: 51% ->
-    41%). Two causes: (a) the PRM's scores fall with step position, so the suffix sums give the late tokens of
-    EVERY completion negative advantages (token mean -1.1 at the first step), the sum-form collapse of PURE
-    (Cheng et al. 2025, arXiv 2504.15275); (b) a frozen PRM is exploitable: it catches 82% of the wrong steps
-    in the init's samples, 34% in the trained policy's. A min-over-steps sequence reward (PURE's remedy, tried
-    once, not shipped) collapsed too. Retraining the PRM as the policy moves (point 3) or mixing in the
-    verifier's reward are what the papers do.
+    NOTE, measured (40 GRPO steps at the grpo defaults from the default sft, PRM of 0.87 held-out step
+    accuracy at a base rate of 0.85): process supervision collapsed, held-out sampled pass@1 59.0% -> 0.1%
+    (outcome-only GRPO: 59.0% -> 69.0%); --kl-coef 0.04 only slowed it (-> 2.5%). Within 10 steps the
+    verifier's reward fell to 0 while the PRM's mean step score rose to 0.92. From an earlier sft model:
+    greedy 51% -> 13%. Two causes: (a) the PRM's scores fall with step position, so the suffix sums give the
+    late tokens of EVERY completion negative advantages (token mean -1.1 at the first step), the sum-form
+    collapse of PURE (Cheng et al. 2025, arXiv 2504.15275); (b) a frozen PRM is exploitable: for the earlier
+    sft it caught 82% of the wrong steps in the init's samples, 34% in the trained policy's. A min-over-steps
+    sequence reward (PURE's remedy, tried once, not shipped) collapsed too. Retraining the PRM as the policy
+    moves (point 3) or mixing in the verifier's reward are what the papers do.
     """
     model, mask = ctx["reward_model"], roll["completion_mask"]  # (B, N)
     if args.reward == "rm":
