@@ -739,13 +739,12 @@ def grpo_batch(ctx, args, step):
     # incremental ones), so the first ratio is exactly 1; the sampler's are kept only as a diagnostic
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
     stats["sampler_logp_gap"] = ((roll["old_logps"] - roll["sampler_logps"]).abs() * mask).max().item()
-    if "ref" in ctx:
-        roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B, N)
-        kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind)  # (B, N)
-        stats["kl_ref"] = masked_mean(kl, mask).item()
-        if args.kl_coef > 0 and args.kl_in == "reward":
-            # KL as a per-sequence penalty folded into the reward before the group normalisation
-            rewards = rewards - args.kl_coef * (kl * mask).sum(1)
+    roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B, N)
+    kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind)  # (B, N)
+    stats["kl_ref"] = masked_mean(kl, mask).item()  # logged even when it is not penalised
+    if args.kl_coef > 0 and args.kl_in == "reward":
+        # KL as a per-sequence penalty folded into the reward before the group normalisation
+        rewards = rewards - args.kl_coef * (kl * mask).sum(1)
     if args.advantage == "rloo":
         adv = rloo_advantages(rewards, G)  # (B,)
     else:
@@ -973,11 +972,9 @@ def ppo_batch(ctx, args, step):
         score, steps = learned_rewards(ctx, args, roll, stats)  # (B,), prm: step rewards (B, S)
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
     roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
-    kl = torch.zeros_like(mask)  # (B, N)
-    if "ref" in ctx:
-        ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
-        kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1") * mask  # (B, N) log pi_old - log pi_ref
-        stats["kl_ref"] = masked_mean(kl, mask).item()
+    ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
+    kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1") * mask  # (B, N) log pi_old - log pi_ref
+    stats["kl_ref"] = masked_mean(kl, mask).item()
     if steps is None:
         rewards = ppo_token_rewards(score, kl, mask, args.kl_coef)  # (B, N)
     else:
