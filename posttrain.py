@@ -36,7 +36,7 @@ from losses.advantages import gae, group_advantages, process_advantages, rloo_ad
 from losses.common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
 from losses.distill import generalized_jsd_loss, kl_distill_loss
 from losses.dpo import dpo_loss, reward_model_loss, simpo_loss
-from losses.policy import entropy_from_logits, kl_penalty, policy_loss, value_loss
+from losses.policy import aggregate_loss, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from losses.prm import prm_loss
 from losses.sft import sft_loss
 from model import GPT, GPTConfig
@@ -83,7 +83,10 @@ def get_args(argv=None):
     # on-policy stages
     g = p.add_argument_group("on-policy (grpo, ppo, rft)")
     g.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; log-probs are of logits / temperature. 0 = greedy, refused by "
+                        "grpo, ppo and rft (every sample of a group would be the same); distill samples its "
+                        "sequences greedily and scores them at temperature 1")
     g.add_argument("--max-new-tokens", type=int, default=96, help="longest completion sampled")
     g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each rollout batch")
     g.add_argument("--minibatch-size", type=int, default=None,
@@ -96,7 +99,10 @@ def get_args(argv=None):
                    choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"],
                    help="how per-token losses become one number (DAPO, GRPO paper, -, Dr. GRPO)")
     g.add_argument("--kl-coef", type=float, default=None, help="KL-to-reference coefficient beta")
-    g.add_argument("--kl-kind", default="k3", choices=["k1", "k2", "k3"], help="KL estimator")
+    g.add_argument("--kl-kind", default=None, choices=["k1", "k2", "k3"],
+                   help="KL estimator (unset: k3 with --kl-in loss, as DeepSeekMath; k1 with --kl-in reward, the "
+                        "only estimator whose policy gradient through the reward is that of KL(pi || ref), so "
+                        "k2 and k3 are refused there)")
     g.add_argument("--kl-in", default="loss", choices=["loss", "reward"],
                    help="add the KL to the loss (GRPO) or subtract it from the reward (PPO/RLHF)")
     g.add_argument("--advantage", default="group", choices=["group", "rloo"],
@@ -187,14 +193,75 @@ def get_args(argv=None):
 
 
 def stage_args(args, name):
-    """A copy of the flags with every unset (None) value filled from STAGES[name].defaults."""
+    """A copy of the flags with every unset (None) value filled from STAGES[name].defaults, and the device
+    and autocast context resolved."""
     out = argparse.Namespace(**vars(args))
+    if out.device == "auto":
+        out.device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = out.dtype == "bf16"
+    # bf16 = autocast: matmuls in bfloat16, weights, log-probs and losses in fp32
+    out.amp = (lambda: torch.autocast(out.device, dtype=torch.bfloat16)) if bf16 else nullcontext
     for key, value in STAGES[name].defaults.items():
         if getattr(out, key, None) is None:
             setattr(out, key, value)
     if out.minibatch_size is None:
         out.minibatch_size = 10**9  # the whole rollout batch in one optimizer step
+    if out.kl_kind is None:
+        # k1 wherever the KL is a reward (ppo always; grpo --kl-in reward), k3 in the loss (DeepSeekMath)
+        out.kl_kind = "k1" if name == "ppo" or out.kl_in == "reward" else "k3"
     return out
+
+
+def die(msg):
+    """Bad input: one line on stderr and exit code 2 (argparse's own code for a bad flag), no traceback."""
+    print(f"posttrain: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_stage_args(args, name):
+    """Refuse, with one line, flag values that would make stage `name` compute the wrong thing.
+
+    args are the stage's own (stage_args). main() calls this for every stage a run will train, before any
+    work; train_stage() calls it again for a stage it builds on demand.
+    """
+    if args.temperature < 0:
+        die(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.temperature == 0 and name in ("grpo", "ppo", "rft"):
+        die(f"--temperature 0 samples greedily, so every completion of a group is the same and {name} gets no "
+            "learning signal; use a temperature > 0")
+    kl_in_reward = name == "ppo" or (name == "grpo" and args.kl_in == "reward")
+    if kl_in_reward and args.kl_kind != "k1":
+        where = "ppo puts the KL in the reward" if name == "ppo" else "--kl-in reward"
+        die(f"{where}, which needs --kl-kind k1, got --kl-kind {args.kl_kind}: only k1 in the reward has the "
+            "policy gradient of KL(pi || ref); k2 and k3 belong in the loss (--kl-in loss)")
+    if name == "grpo" and args.reward == "prm" and args.kl_in == "reward" and args.kl_coef > 0:
+        die("grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); drop --kl-in reward")
+
+
+def stages_to_train(user_args, names):
+    """The training stages a run will go through, in order: each of `names` after the stages it builds first
+    because their output is missing (its init, distill's teacher, the --reward scorer). Eval is not one."""
+    plan = []
+
+    def visit(name, first):
+        stage = STAGES[name]
+        if stage.run is not None:
+            return
+        args = stage_args(user_args, name)
+        deps = []
+        if first:  # a later stage of a pipeline starts from the previous stage's output (distill: distils it)
+            deps += [stage.init] if stage.init and args.init is None else []
+            deps += ["grpo"] if name == "distill" and args.teacher is None else []
+        if name in ("grpo", "ppo") and args.reward != "verifier":
+            deps.append(args.reward)
+        for dep in deps:
+            if dep not in plan and not os.path.exists(os.path.join(user_args.out_dir, dep, "config.json")):
+                visit(dep, True)
+        plan.append(name)
+
+    for i, name in enumerate(names):
+        visit(name, i == 0)
+    return plan
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -205,11 +272,11 @@ def read_rows(args, name, fields):
     """Rows of DATA_DIR/<name>.jsonl; a malformed file ends the program with the reader's one-line error."""
     path = os.path.join(args.data_dir, name + ".jsonl")
     if not os.path.exists(path):
-        sys.exit(f"posttrain: error: {path} not found (regenerate with: python -m data.task)")
+        die(f"{path} not found (regenerate with: python -m data.task)")
     try:
         return task.read_jsonl(path, fields)
     except ValueError as e:
-        sys.exit(f"posttrain: error: {e}")
+        die(f"{e}")
 
 
 def prompt_ids(tok, prompt):
@@ -275,7 +342,7 @@ def load_model(folder, device, score_head=None):
     try:
         return GPT.from_pretrained(folder, score_head=score_head, device=device)
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"posttrain: error: {e}")
+        die(f"{e}")
 
 
 def ensure_stage_output(user_args, name):
@@ -462,7 +529,7 @@ def setup_pairs(args, policy, tok):
     else:
         train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
     if not train:
-        sys.exit("posttrain: error: no preference pairs (--pairs self: no prompt got both a correct and a "
+        die("no preference pairs (--pairs self: no prompt got both a correct and a "
                  "wrong sample; raise --pair-prompts or --group-size)")
     return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
             "order": Shuffler(len(train), args.seed)}
@@ -690,7 +757,7 @@ def setup_grpo(args, policy, tok):
 @torch.no_grad()
 def chunked_logps(model, roll, args):
     """Completion log-probs of a whole rollout batch, in micro-batch chunks (same chunks as the update)."""
-    out = []
+    out = [roll["completion_ids"][:0].float()]  # (0, N): a batch whose every group was dropped stays empty
     for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size):
         with args.amp():
             out.append(rollout.completion_logps(model, roll["prompt_ids"][sl], roll["prompt_mask"][sl],
@@ -728,66 +795,74 @@ def grpo_batch(ctx, args, step):
     prompts, texts, verdicts, roll = sample_groups(ctx, args, tok)
     mask = roll["completion_mask"].float()  # (B, N)
     rewards = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
-    stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item(),
-             "zero_std_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item()}
+    stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item()}
     steps = None
     if args.reward != "verifier":
         # a learned scorer replaces the verifier, whose accuracy stays logged as "reward" (see learned_rewards)
         scores, steps = learned_rewards(ctx, args, roll, stats)  # (B,); prm: step rewards (B, S)
         rewards = scores.to(rewards.device)
+    # Which groups carry a signal is decided on the outcome reward alone, BEFORE any KL is folded into it:
+    # with the KL in the reward every group has some spread, so no group would ever be dropped, and an
+    # all-right group would be normalised by a std made of KL noise alone.
+    r = rewards.view(-1, G)  # (B/G, G)
+    zero_std = (r == r[:, :1]).all(1)  # (B/G,) every reward of the group equal
+    stats["zero_std_groups"] = zero_std.float().mean().item()
+    if args.dynamic_sampling:
+        # DAPO dynamic sampling: groups whose rewards are all equal have zero advantage and no gradient. They
+        # are dropped before any log-prob is computed, which saves those forwards too.
+        keep = (~zero_std).repeat_interleave(G)  # (B,)
+        roll, rewards = {k: v[keep] for k, v in roll.items()}, rewards[keep]
+        if steps is not None:
+            steps = {k: v[keep] for k, v in steps.items()}
+        mask = roll["completion_mask"].float()  # (B', N)
     # old log-probs: the policy's own training forward before any update of this batch (not the sampler's
-    # incremental ones), so the first ratio is exactly 1; the sampler's are kept only as a diagnostic
-    roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
-    stats["sampler_logp_gap"] = ((roll["old_logps"] - roll["sampler_logps"]).abs() * mask).max().item()
-    roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B, N)
-    kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind)  # (B, N)
+    # incremental ones), in the same micro-batch chunks as the update, so the first ratio is exactly 1; the
+    # sampler's are kept only as a diagnostic
+    roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B', N)
+    gap = (roll["old_logps"] - roll["sampler_logps"]).abs() * mask  # (B', N)
+    stats["sampler_logp_gap"] = gap.max().item() if gap.numel() else 0.0
+    roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B', N)
+    kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind, mask=mask)  # (B', N)
     stats["kl_ref"] = masked_mean(kl, mask).item()  # logged even when it is not penalised
     if args.kl_coef > 0 and args.kl_in == "reward":
-        # KL as a per-sequence penalty folded into the reward before the group normalisation
-        rewards = rewards - args.kl_coef * (kl * mask).sum(1)
+        # KL as a per-sequence penalty folded into the reward before the group normalisation. kl_kind is k1
+        # here (main refuses k2 / k3): only k1 in a reward has the gradient of KL(pi || ref).
+        rewards = rewards - args.kl_coef * (kl * mask).sum(1)  # (B',)
     if args.advantage == "rloo":
-        adv = rloo_advantages(rewards, G)  # (B,)
+        adv = rloo_advantages(rewards, G) if len(rewards) else rewards  # (B',)
     else:
-        adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)  # (B,)
+        adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling) if len(rewards) else rewards
     if steps is not None:
         # process supervision (DeepSeekMath Sec. 4.1.3): a token's advantage is the sum of the group-normalised
-        # PRM rewards of the steps that end at or after it. The KL folded into `rewards` above would be lost.
-        if args.kl_coef > 0 and args.kl_in == "reward":
-            sys.exit("posttrain: error: grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); "
-                     "drop --kl-in reward")
-        adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B, N)
+        # PRM rewards of the steps that end at or after it (main refuses --kl-in reward with --reward prm: the
+        # KL folded into `rewards` above would be lost here)
+        adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B', N)
     roll["adv"] = adv
-    keep = torch.ones(len(adv), dtype=torch.bool)
-    if args.dynamic_sampling:
-        # DAPO dynamic sampling: groups whose rewards are all equal have zero advantage and no gradient
-        keep = (rewards.view(-1, G).std(1) > 0).repeat_interleave(G)  # (B,)
-    roll = {k: v[keep] for k, v in roll.items()}
     # w: the units the loss averages over, per row (tokens for token_mean, sequences otherwise)
-    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(int(keep.sum()))
+    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(adv))
     return roll, stats
 
 
 def completion_forward(model, mb, args):
-    """Training forward over [prompt; completion] -> completion log-probs (B, N) and logits (B, N, V)."""
-    P = mb["prompt_ids"].shape[1]
-    ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)  # (B, P+N)
-    attn = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)  # (B, P+N)
+    """Training forward over [prompt; completion] -> completion log-probs (B, N) and logits (B, N, V), fp32,
+    of logits / temperature: rollout.completion_logps, the one log-prob path, under the stage's autocast."""
     with args.amp():
-        logits = model(ids, attn_mask=attn)  # (B, P+N, V)
-    # NOTE: divide by the sampling temperature, exactly as the sampler and completion_logps do
-    logits = logits[:, P - 1:-1].float() / args.temperature  # (B, N, V): position t scores completion token t
-    logps = gather_logprobs(logits, mb["completion_ids"])  # (B, N), the one shared helper
-    return logps, logits
+        return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                        mb["completion_mask"], temperature=args.temperature, return_logits=True)
 
 
 def grpo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
+    # Dr. GRPO's constant normaliser is the generation budget, the same for every batch
     loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
-                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg)
+                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
+                                norm_len=args.max_new_tokens)
     if args.kl_coef > 0 and args.kl_in == "loss":
-        kl = kl_penalty(logps, mb["ref_logps"], kind=args.kl_kind)  # (B, N)
-        loss = loss + args.kl_coef * masked_mean(kl, mask)
+        kl = kl_penalty(logps, mb["ref_logps"], kind=args.kl_kind, mask=mask)  # (B, N), 0 on padding
+        # GRPO eq. 3 puts the KL inside the same 1/|o_i| sum as the surrogate: aggregate it the same way, or
+        # its weight would change with the micro-batch size under a sequence-level --loss-agg
+        loss = loss + args.kl_coef * aggregate_loss(kl, mask, args.loss_agg, norm_len=args.max_new_tokens)
     metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
     return loss, metrics
 
@@ -843,7 +918,7 @@ def setup_reward(ctx, args):
     if args.reward == "verifier":
         return
     if args.reward not in STAGES:
-        sys.exit(f"posttrain: error: --reward {args.reward} needs a stage {args.reward!r}, and there is none")
+        die(f"--reward {args.reward} needs a stage {args.reward!r}, and there is none")
     folder = args.stage_output(args.reward)
     print(f"[reward] {args.reward} from {folder}")
     ctx["reward_model"] = load_model(folder, args.device, score_head=True).eval().requires_grad_(False)
@@ -973,7 +1048,7 @@ def ppo_batch(ctx, args, step):
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
     roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
     ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
-    kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1") * mask  # (B, N) log pi_old - log pi_ref
+    kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1", mask=mask)  # (B, N) log pi_old - log pi_ref
     stats["kl_ref"] = masked_mean(kl, mask).item()
     if steps is None:
         rewards = ppo_token_rewards(score, kl, mask, args.kl_coef)  # (B, N)
@@ -1000,9 +1075,13 @@ def ppo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
     loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
-                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg)
+                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
+                                norm_len=args.max_new_tokens)
     values = completion_scores(ctx["critic"], mb, args, shift=True)  # (B, N), with gradient into the critic
-    v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip)
+    # the value loss is aggregated like the policy loss (as verl does), so both weigh tokens alike and the
+    # accumulated gradient does not depend on the micro-batch size
+    v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip,
+                        loss_agg=args.loss_agg, norm_len=args.max_new_tokens)
     metrics["value_loss"] = v_loss.detach()
     metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
     return loss + args.vf_coef * v_loss, metrics
@@ -1295,7 +1374,7 @@ def setup_distill(args, policy, tok):
         args.teacher = args.stage_output("grpo")  # OUT_DIR/grpo, trained first if missing
     teacher = load_model(args.teacher, args.device).eval().requires_grad_(False)
     if teacher.config.vocab_size != policy.config.vocab_size:
-        sys.exit(f"posttrain: error: teacher {args.teacher} has vocabulary {teacher.config.vocab_size}, "
+        die(f"teacher {args.teacher} has vocabulary {teacher.config.vocab_size}, "
                  f"the student {policy.config.vocab_size}; distillation needs one vocabulary")
     print(f"[distill] teacher {args.teacher}: {teacher.num_params() / 1e6:.2f}M parameters, "
           f"student {policy.num_params() / 1e6:.2f}M; mode {args.distill_mode}")
@@ -1520,7 +1599,7 @@ def run_eval(user_args, name):
                             if os.path.exists(os.path.join(args.out_dir, s, "config.json"))]
     for f in folders:
         if not os.path.exists(os.path.join(f, "config.json")):
-            sys.exit(f"posttrain: error: --ckpt {f}: no config.json, not a checkpoint folder")
+            die(f"--ckpt {f}: no config.json, not a checkpoint folder")
     scorers = [f for f in folders if is_scorer(f)]
     if scorers:
         print(f"[eval] skipping scorers (they generate nothing): {', '.join(scorers)}")
@@ -1529,7 +1608,7 @@ def run_eval(user_args, name):
     base = args.base or (pretrain if os.path.exists(os.path.join(pretrain, "config.json")) else None)
     base = base or (folders[0] if folders else None)
     if base is None:
-        sys.exit(f"posttrain: error: eval found no checkpoint in {args.out_dir}; name them with --ckpt")
+        die(f"eval found no checkpoint in {args.out_dir}; name them with --ckpt")
     res = eval_checkpoints(args, folders, base)
     print_eval_table(res)
     out = args.eval_out or os.path.join(args.out_dir, "eval.json")
@@ -1585,7 +1664,7 @@ STAGES = {
                   dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2,
                        kl_coef=0.0, dynamic_sampling=True, log_every=5)),
     "ppo": Stage("on-policy", "policy reshaping", "sft", setup_ppo, ppo_batch, ppo_loss,
-                 "policy, critic (trained), reference (if --kl-coef > 0), RM / PRM (with --reward)",
+                 "policy, critic (trained), reference (for the KL in the reward), RM / PRM (with --reward)",
                  dict(steps=60, lr=1e-4, batch_size=16, micro_batch_size=64, warmup=0, ppo_epochs=2,
                       kl_coef=0.05, log_every=5)),
     "rft": Stage("on-policy", "policy reshaping", "sft", setup_rft, rft_batch, lm_loss, "policy",
@@ -1624,6 +1703,24 @@ def chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def accumulate_gradients(stage, ctx, args, batch, rows):
+    """Forward and backward over one minibatch (the batch rows `rows`, a (R,) index tensor) in micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the minibatch's units (batch["w"]: tokens or
+    sequences per row, as the stage's loss averages), so the accumulated gradient is that of the mean over
+    the whole minibatch, not a mean of micro-batch means, and does not depend on --micro-batch-size.
+    Returns the micro-batches' logged metrics.
+    """
+    total_w = batch["w"][rows].sum().clamp(min=1)
+    metrics = []
+    for sl in chunks(len(rows), args.micro_batch_size):
+        micro = {k: v[rows[sl]] for k, v in batch.items()}
+        loss, m = stage.loss(ctx, args, micro)
+        (loss * micro["w"].sum() / total_w).backward()
+        metrics.append({"loss": loss.item(), **{k: float(v) for k, v in m.items()}})
+    return metrics
+
+
 def lr_at(step, args):
     """Linear warmup, then cosine decay to 10% of the peak."""
     if step < args.warmup:
@@ -1636,13 +1733,19 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def train_stage(user_args, name):
-    """Run one stage from its init to OUT_DIR/<name>, with held-out pass@1 before and after."""
+def prepare(name, user_args):
+    """Everything stage `name` needs before its first step: its flags, its policy, its ctx. -> (args, ctx)
+
+    args: the user's flags with the stage's defaults filled in (stage_args). ctx: what the stage's setup()
+    built (data, frozen models, generators), plus "policy" (the model it trains) and "tok" (the tokenizer).
+    The policy comes from --init, else the output of the stage's default init (built first if missing), else
+    from scratch. train_stage() and the tests both start a stage here.
+    """
     stage = STAGES[name]
     args = stage_args(user_args, name)
+    check_stage_args(args, name)
     torch.manual_seed(args.seed)
     tok = task.load_tokenizer()
-    # --- the policy: from --init, from the previous stage's output, or from scratch
     if args.init is None and stage.init is not None:
         args.init = ensure_stage_output(user_args, stage.init)
     # frozen models a stage reads besides its init (distill's teacher; grpo --reward prm: OUT_DIR/prm): its
@@ -1660,6 +1763,14 @@ def train_stage(user_args, name):
         print(f"[{name}] new model from scratch: {policy.num_params() / 1e6:.2f}M parameters")
     ctx = stage.setup(args, policy, tok)
     ctx.update(policy=policy, tok=tok)
+    return args, ctx
+
+
+def train_stage(user_args, name):
+    """Run one stage from its init to OUT_DIR/<name>, with held-out pass@1 before and after."""
+    stage = STAGES[name]
+    args, ctx = prepare(name, user_args)
+    policy, tok = ctx["policy"], ctx["tok"]
     # held-out pass@1 of a generator; a scorer (RM, PRM) is judged by the stage's own evaluate() instead
     problems = [] if stage.score_head else read_rows(args, args.eval_split, {"prompt": str, "answer": int})
     problems = problems[:args.eval_problems]
@@ -1684,17 +1795,16 @@ def train_stage(user_args, name):
         n_rows = len(batch["w"])
         row_metrics = []
         for epoch in range(args.ppo_epochs):
+            # The first pass takes the rows in rollout order, so the first minibatch is made of exactly the
+            # rows and micro-batch chunks its old log-probs were computed with (ratio exactly 1). Later passes
+            # shuffle the rows (seeded by step and pass), as TRL and OpenRLHF do, so that minibatches differ
+            # from pass to pass. With a single minibatch the order changes nothing, and it is left alone.
+            order = torch.arange(n_rows)
+            if epoch > 0 and args.minibatch_size < n_rows:
+                order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(
+                    args.seed * 1_000_003 + step * 101 + epoch))
             for mb_slice in chunks(n_rows, args.minibatch_size):
-                # one optimizer step per minibatch; its micro-batches accumulate gradients. Each micro-batch's
-                # mean loss is weighted by its share of the minibatch's units (tokens or sequences), so the
-                # accumulated gradient is that of the mean over the whole minibatch, not a mean of means.
-                total_w = batch["w"][mb_slice].sum().clamp(min=1)
-                for sl in chunks(mb_slice.stop - mb_slice.start, args.micro_batch_size):
-                    sl = slice(mb_slice.start + sl.start, mb_slice.start + sl.stop)
-                    micro = {k: v[sl] for k, v in batch.items()}
-                    loss, m = stage.loss(ctx, args, micro)
-                    (loss * micro["w"].sum() / total_w).backward()
-                    row_metrics.append({"loss": loss.item(), **{k: float(v) for k, v in m.items()}})
+                row_metrics += accumulate_gradients(stage, ctx, args, batch, order[mb_slice])
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -1737,13 +1847,17 @@ def main(argv=None):
     names = [s.strip() for s in args.stage.split(",") if s.strip()]
     for n in names:
         if n not in STAGES:
-            sys.exit(f"posttrain: error: --stage {n!r} is not a stage; choose from {', '.join(STAGES)}")
+            die(f"--stage {n!r} is not a stage; choose from {', '.join(STAGES)}")
+    if not names:
+        die("--stage is empty; name a stage or a comma-separated pipeline of stages")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("posttrain: error: --device cuda but no CUDA device is available")
+        die("--device cuda but no CUDA device is available")
     bf16 = args.dtype == "bf16"
     args.amp = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if bf16 else nullcontext
+    for n in stages_to_train(args, names):
+        check_stage_args(stage_args(args, n), n)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     os.makedirs(args.out_dir, exist_ok=True)
     outputs = []  # the folders the training stages wrote, in order

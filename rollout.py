@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from losses.common import gather_logprobs, token_logprobs
+from losses.common import gather_logprobs
 from model import KVCache
 
 CHECK_EVERY = 4  # decode steps between "have all rows hit EOS?" checks (each is a GPU -> CPU sync)
@@ -146,21 +146,31 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps)
 
 
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
+def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
+                     return_logits=False):
     """Log-probs (B, N) of completion tokens under model, by one full forward over [prompt; completion].
 
-    The policy (with gradients), the reference and the teacher all call this, with the temperature the sampler
-    used, so before an update it reproduces Samples.logps (within float error) and the PPO ratio is exactly 1.
-    temperature 0 (greedy sampling) is taken as 1, as in sample(). Positions where completion_mask is 0 get 0.
+    The ONE function that turns a model's output into completion log-probs: the policy (with gradients), the
+    old policy, the reference and the teacher all call it, with the temperature the sampler used. One code
+    path is what makes the PPO/GRPO ratio exactly 1 and the KL to an identical reference exactly 0 before an
+    update, in fp32 and under bf16 autocast alike: the logits are cast to fp32 FIRST and only then divided by
+    the temperature (dividing low-precision logits rounds them once more, differently from a forward that
+    casts first). temperature 0 (greedy sampling) is scored as 1, as in sample(): the greedy tokens'
+    log-probs under the model's own distribution. Positions where completion_mask is 0 get exactly 0 (and no
+    gradient), so an estimator that exponentiates a difference of log-probs cannot overflow there.
 
-    prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N). Returns fp32 (B, N).
+    prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N). Call it inside the
+    autocast context the caller trains in. Returns fp32 logps (B, N), and with return_logits also the fp32,
+    temperature-scaled logits (B, N, V) at the completion positions (entropy, distillation).
     """
+    P = prompt_ids.size(1)
     ids = torch.cat((prompt_ids, completion_ids), dim=1)  # (B, P + N)
     mask = torch.cat((prompt_mask, completion_mask), dim=1)  # (B, P + N)
-    logits = model(ids, mask)  # (B, P + N, V)
+    # logits[:, P - 1] predicts the first completion token, the last position predicts nothing we have
+    logits = model(ids, mask)[:, P - 1:-1].float()  # (B, N, V)
     if temperature not in (0, 1):
-        logits = logits / temperature
-    P = prompt_ids.size(1)
-    # logits[:, P - 1] predicts the first completion token; token_logprobs does the one-step shift
-    logps = token_logprobs(logits[:, P - 1:], ids[:, P - 1:])  # (B, N)
-    return logps.masked_fill(completion_mask == 0, 0.0)
+        logits = logits / temperature  # NOTE: after the cast to fp32, never before
+    # gather at ids[:, P:], the completion as part of the concatenation: an ordinary tensor even when the
+    # completion came out of the sampler's inference mode, which autograd may not save for backward
+    logps = gather_logprobs(logits, ids[:, P:]).masked_fill(completion_mask == 0, 0.0)  # (B, N)
+    return (logps, logits) if return_logits else logps

@@ -1,19 +1,21 @@
 """posttrain losses: pure functions of tensors, one file per family, torch only.
 
 Each file stands on its own apart from at most one tiny helper from common.py (masked_mean or IGNORE_INDEX);
-copy a function out together with that helper. See DESIGN.md "Public API of losses/".
+copy a function out together with that helper. The names, argument order and return shapes of the functions
+exported here are stable: new options arrive as keyword arguments with defaults.
 """
 
 from .advantages import gae, group_advantages, process_advantages, rloo_advantages
 from .common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
 from .distill import generalized_jsd_loss, kl_distill_loss
 from .dpo import dpo_loss, reward_model_loss, simpo_loss
-from .policy import entropy_from_logits, kl_penalty, policy_loss, value_loss
+from .policy import aggregate_loss, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from .prm import prm_loss
 from .sft import sft_loss
 
 __all__ = [
     "IGNORE_INDEX",
+    "aggregate_loss",
     "dpo_loss",
     "entropy_from_logits",
     "gae",

@@ -17,6 +17,46 @@ from .common import masked_mean
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
+def aggregate_loss(loss_tok, mask, loss_agg="token_mean", norm_len=None):
+    """Reduce per-token losses (B, T) to one number by a NAMED rule; every on-policy term uses the same one.
+
+    Objective (n_b = number of valid tokens of sequence b; the means over sequences skip rows with n_b = 0):
+        "token_mean":              sum_{b,t} l / sum_b n_b                    (DAPO; also PPO's E_t)
+        "seq_mean_token_mean":     mean_b (sum_t l / n_b)                     (GRPO paper, eq. 3)
+        "seq_mean_token_sum":      mean_b (sum_t l)
+        "seq_mean_token_sum_norm": mean_b (sum_t l / norm_len)                (Dr. GRPO)
+
+    GRPO's eq. 3 puts its KL term inside the same 1/|o_i| sum as the clipped surrogate, so a KL (or value)
+    term added to policy_loss should be reduced with this function and the same loss_agg: reduced any other
+    way, its weight relative to the surrogate changes with the lengths of the completions in a batch.
+
+    Args:
+        loss_tok: (B, T) per-token losses; padded positions may hold anything finite.
+        mask:     (B, T) 1 on tokens that count.
+        loss_agg: one of LOSS_AGGS.
+        norm_len: the constant of "seq_mean_token_sum_norm". Dr. GRPO divides by a fixed budget, the
+                  generation limit (max_new_tokens); None falls back to T, the padded width of THIS batch,
+                  which changes from batch to batch and is then no constant at all.
+
+    Returns:
+        0-dim tensor.
+    """
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"aggregate_loss: unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
+    if loss_agg == "token_mean":
+        return masked_mean(loss_tok, mask)
+    m = mask.to(loss_tok.dtype)  # (B, T)
+    n_tokens = m.sum(-1)  # (B,)
+    seq_sum = (loss_tok.masked_fill(m == 0, 0.0) * m).sum(-1)  # (B,) per-sequence token sum
+    if loss_agg == "seq_mean_token_mean":
+        per_seq = seq_sum / n_tokens.clamp(min=1)  # (B,)
+    elif loss_agg == "seq_mean_token_sum":
+        per_seq = seq_sum  # (B,)
+    else:
+        per_seq = seq_sum / (loss_tok.size(-1) if norm_len is None else norm_len)  # (B,)
+    return masked_mean(per_seq, n_tokens > 0)  # mean over the sequences that have a valid token
+
+
 def policy_loss(
     logps,
     old_logps,
@@ -37,8 +77,8 @@ def policy_loss(
         "token_mean":              sum_{b,t} l / sum_b n_b                    (DAPO; also PPO's E_t)
         "seq_mean_token_mean":     mean_b (sum_t l / n_b)                     (GRPO paper)
         "seq_mean_token_sum":      mean_b (sum_t l)
-        "seq_mean_token_sum_norm": mean_b (sum_t l / norm_len)                (Dr. GRPO; norm_len = T by
-                                   default)
+        "seq_mean_token_sum_norm": mean_b (sum_t l / norm_len)                (Dr. GRPO)
+    (aggregate_loss below does this last step; reduce any extra term with it too.)
 
     Papers:
         PPO: Schulman et al. 2017, arXiv 1707.06347, eq. 7 (L^CLIP).
@@ -78,23 +118,20 @@ def policy_loss(
                               KL divergence").
             "ratio_mean":     mean ratio.
 
-    Value at initialisation (logps == old_logps, e.g. the first minibatch of an epoch): ratio = 1 exactly,
-    the loss
-        is minus the aggregated advantage (about 0 for group-centred advantages, yet the gradient is not 0,
-        PITFALLS item 12), clip_frac = 0 and approx_kl = 0.
+    Value at initialisation (logps == old_logps: the first minibatch of a rollout batch's first pass): ratio =
+    1 exactly, the loss is minus the aggregated advantage (about 0 for group-centred advantages, yet the
+    gradient is not 0), clip_frac = 0 and approx_kl = 0.
 
     Differs from the paper:
         1. PPO eq. 7 is an objective to maximise; this returns its negative, a loss to minimise.
         2. clip_low / clip_high are separate (DAPO); PPO has one epsilon. Equal values reproduce PPO exactly.
-        3. No KL or entropy term inside: GRPO eq. 3 adds -beta * D_KL per token; add
-           beta * masked_mean(kl_penalty(...), mask) to this loss yourself if you want it (DAPO and Dr. GRPO
-           drop it).
+        3. No KL or entropy term inside: GRPO eq. 3 adds -beta * D_KL per token inside its 1/|o_i| sum; add
+           beta * aggregate_loss(kl_penalty(logps, ref_logps, mask=mask), mask, loss_agg, norm_len) to this
+           loss yourself if you want it (DAPO and Dr. GRPO drop it).
         4. The sequence-level modes average over sequences with at least one valid token, so a fully masked
            row (a filtered sample) changes nothing; the papers' 1/G assumes every row is real.
         5. Dr. GRPO's constant is the generation budget; norm_len=None falls back to the padded length T.
     """
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"policy_loss: unknown loss_agg {loss_agg!r}; expected one of {LOSS_AGGS}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"policy_loss: dual_clip must be > 1 (or None), got {dual_clip}")
 
@@ -122,19 +159,7 @@ def policy_loss(
         dual_active = (adv < 0) & (loss_tok > cap)  # (B, T)
         loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, cap), loss_tok)  # (B, T)
 
-    if loss_agg == "token_mean":
-        loss = masked_mean(loss_tok, mask)
-    else:
-        m = mask.to(loss_tok.dtype)  # (B, T)
-        n_tokens = m.sum(-1)  # (B,)
-        seq_sum = (loss_tok * m).sum(-1)  # (B,) per-sequence token sum (loss_tok is already 0 where masked)
-        if loss_agg == "seq_mean_token_mean":
-            per_seq = seq_sum / n_tokens.clamp(min=1)  # (B,)
-        elif loss_agg == "seq_mean_token_sum":
-            per_seq = seq_sum  # (B,)
-        else:
-            per_seq = seq_sum / (logps.size(-1) if norm_len is None else norm_len)  # (B,)
-        loss = masked_mean(per_seq, n_tokens > 0)  # mean over the sequences that have a valid token
+    loss = aggregate_loss(loss_tok, mask, loss_agg, norm_len)
 
     with torch.no_grad():
         metrics = {
@@ -146,7 +171,7 @@ def policy_loss(
     return loss, metrics
 
 
-def kl_penalty(logps, ref_logps, kind="k3"):
+def kl_penalty(logps, ref_logps, kind="k3", mask=None):
     """Per-token estimate of the KL between the policy and a reference, from tokens sampled by the policy.
 
     Objective, with x ~ pi (the tokens in the batch) and log_r = ref_logps - logps = log(ref(x) / pi(x)):
@@ -157,31 +182,45 @@ def kl_penalty(logps, ref_logps, kind="k3"):
     Paper: John Schulman, "Approximating KL divergence" (2020 blog note, joschu.net/blog/kl-approx.html);
     k3 is DeepSeekMath's estimator (arXiv 2402.03300, eq. 4).
 
-    What each gives as a LOSS, i.e. the expected gradient of mean(k(x)) over x ~ pi when the tokens were
-    sampled from the current pi (the sampling itself is not differentiated) (PITFALLS item 3):
-        k1: E[grad k1] = E_pi[grad log pi(x)] = 0. As a loss it does nothing in expectation; it belongs in the
-            REWARD (PPO-style r_t - beta * k1_t), where the policy gradient then optimises KL(pi || ref).
-        k2: E[grad k2] = E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref): the reverse-KL gradient.
-        k3: E[grad k3] = E_pi[(1 - ref/pi) grad log pi] = -sum_x ref(x) grad log pi(x) = grad KL(ref || pi):
-            the FORWARD-KL gradient, although its VALUE estimates KL(pi || ref). This is what GRPO's in-loss
-            k3 term optimises.
+    All three estimate the same VALUE, but they are not interchangeable as training signals. Where the
+    estimate goes decides which gradient you get (x sampled from the current pi; the sampling itself is not
+    differentiated):
+        In the LOSS, E[grad k(x)]:
+            k1: E_pi[grad log pi(x)] = 0. As a loss it does nothing in expectation.
+            k2: E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref): the reverse-KL gradient.
+            k3: E_pi[(1 - ref/pi) grad log pi] = -sum_x ref(x) grad log pi(x) = grad KL(ref || pi): the
+                FORWARD-KL gradient, although its value estimates KL(pi || ref). This is what GRPO's in-loss
+                k3 term optimises.
+        In the REWARD (r - beta * k(x), then a policy gradient, PPO / RLHF style), E[k(x) grad log pi(x)]:
+            k1: E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref), exactly: the reverse KL.
+            k2, k3: no KL's gradient. Near the reference they are second order in log_r, so the penalty has
+                almost no pull; further away the direction can be wrong outright (on a small categorical,
+                enumerated exactly, k3-in-the-reward pointed away from the reference's gradient). Use k1 in
+                the reward.
 
     Args:
         logps:     (B, T) log pi(token), with gradient if used as a loss.
-        ref_logps: (B, T) log ref(token) on the same tokens, same temperature (PITFALLS item 8); detached
-                   inside.
+        ref_logps: (B, T) log ref(token) on the same tokens, same temperature; detached inside.
         kind:      "k1", "k2" or "k3".
+        mask:      optional (B, T), 1 on tokens that count. Positions where it is 0 are set to 0 in BOTH
+                   inputs before the estimator, so they give exactly 0 and no gradient. Pass it: at padding
+                   the policy's log-prob of the pad token can be -1e4 while the reference's is a filler 0,
+                   and k3's exp(1e4) = inf there turns the backward pass into 0 * inf = NaN, even though the
+                   forward value is masked away later.
 
     Returns:
-        (B, T), unreduced and unmasked: reduce with masked_mean(kl, mask). NOTE: k3 exponentiates; make
-        sure padded slots hold finite, moderate log-probs (or mask the inputs first) so that exp() cannot
-        overflow there.
+        (B, T), unreduced: reduce with masked_mean(kl, mask), or aggregate_loss(kl, mask, loss_agg) next to
+        policy_loss so that both terms are weighted alike.
 
     Value at initialisation (policy == reference): exactly 0 for all three kinds, everywhere.
 
     Differs from the paper:
-        1. Nothing; the note defines k1..k3 with r = p(x)/q(x) for x ~ q, which here is q = pi and p = ref.
+        1. The note defines k1..k3 with r = p(x)/q(x) for x ~ q, which here is q = pi and p = ref.
     """
+    if mask is not None:
+        valid = mask.bool()  # (B, T)
+        logps = logps.masked_fill(~valid, 0.0)  # (B, T)
+        ref_logps = ref_logps.masked_fill(~valid, 0.0)  # (B, T)
     log_r = ref_logps.detach() - logps  # (B, T) log(ref / pi) at the sampled tokens
     if kind == "k1":
         return -log_r
@@ -194,13 +233,13 @@ def kl_penalty(logps, ref_logps, kind="k3"):
     raise ValueError(f"kl_penalty: unknown kind {kind!r}; expected 'k1', 'k2' or 'k3'")
 
 
-def value_loss(values, old_values, returns, mask, clip=0.2):
+def value_loss(values, old_values, returns, mask, clip=0.2, loss_agg="token_mean", norm_len=None):
     """Clipped value-function loss of PPO implementations, masked token mean.
 
     Objective, per valid token:
         V_clip = old_values + clip(values - old_values, -clip, +clip)
         l = 0.5 * max((values - returns)^2, (V_clip - returns)^2)
-    then L = masked mean of l over valid tokens.
+    then L = aggregate_loss(l, mask, loss_agg, norm_len): by default the masked mean over valid tokens.
 
     Paper: PPO (Schulman et al. 2017, arXiv 1707.06347) eq. 9 has the unclipped (V - V_target)^2; the
     clipped form comes from OpenAI baselines' ppo2 and is studied in Engstrom et al. 2020, arXiv 2005.12729
@@ -213,6 +252,8 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
         returns:    (B, T) regression targets, e.g. advantages + old_values from gae() (detached inside).
         mask:       (B, T) 1 on tokens that count.
         clip:       the value clip range (in reward units, not a ratio). verl / OpenRLHF use 0.5, TRL 0.2.
+        loss_agg, norm_len: as in aggregate_loss. Use the policy loss's, as verl does, so that the value
+                    term and the surrogate weigh tokens alike.
 
     Returns:
         0-dim tensor.
@@ -230,7 +271,7 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     returns = returns.detach().masked_fill(~valid, 0.0)  # (B, T)
     values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # (B, T)
     loss_tok = 0.5 * torch.maximum((values - returns) ** 2, (values_clipped - returns) ** 2)  # (B, T)
-    return masked_mean(loss_tok, mask)
+    return aggregate_loss(loss_tok, mask, loss_agg, norm_len)
 
 
 def entropy_from_logits(logits):
