@@ -309,6 +309,38 @@ class Shuffler:
         return out
 
 
+def rl_prompts(args):
+    """The prompts of rl.jsonl, where the on-policy stages (and the PRM's samples) come from."""
+    return [r["prompt"] for r in read_rows(args, "rl", {"prompt": str, "answer": int})]
+
+
+def training_prompts(args):
+    """Prompts of every length the held-out test has: sft.jsonl (2 to 5 operands) and rl.jsonl (5 to 6).
+
+    Only the prompts: stages that generate their own trajectories from them (dpo --pairs self, distill) never
+    read the files' solutions. rl.jsonl alone holds only the longest chains, where an sft model gets few
+    samples right: too few good samples to learn from.
+    """
+    prompts = [r["prompt"] for r in read_rows(args, "sft", {"prompt": str, "completion": str})]
+    return prompts + rl_prompts(args)
+
+
+def heldout_problems(args, split=None):
+    """The first --eval-problems rows {prompt, answer} of the held-out split (--eval-split unless named)."""
+    return read_rows(args, split or args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+
+
+def prompt_source(prompts, args):
+    """What a sampling stage draws from: the prompts, their seeded order, the sampler's seeded generator."""
+    return {"prompts": prompts, "order": Shuffler(len(prompts), args.seed),
+            "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+
+
+def chunks(n, size):
+    """Slices that cut range(n) into consecutive pieces of at most `size`."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 # -----------------------------------------------------------------------------------------------------------
 # checkpoints: HF folder layout (config.json + model.safetensors + tokenizer.json) + our JSON, written atomically
 
@@ -362,43 +394,58 @@ def ensure_stage_output(user_args, name):
 # eval: held-out pass@1, greedy and sampled, on the same problems before and after a stage
 
 
-@torch.no_grad()
-def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256, return_ids=False):
-    """Sample n completions per prompt; returns (correct (P, n) bool tensor, completions as text).
+def verify_finished(prompt, text, finished):
+    """task.verify, with the cut-off rule: a completion that never emitted EOS (it reached --max-new-tokens or
+    the model's context) is wrong, even if its text happens to end in a right "#<answer>"."""
+    v = task.verify(prompt, text)
+    return dataclasses.replace(v, correct=v.correct and bool(finished))
 
-    return_ids: also return each completion's sampled token ids (P * n lists, up to and including EOS), the exact
-    sequences, which decoded text is not (decode drops PAD/BOS and the EOS marks a finished completion).
+
+@torch.no_grad()
+def sample_and_verify(model, tok, prompts, args, temperature, generator):
+    """One completion for each prompt (text) from model, decoded and verified -> (texts, verdicts, roll).
+
+    Every stage that samples comes through here (rollouts, eval, self-generated pairs, PRM data). roll holds
+    the rollout tensors: prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N),
+    the mask 1 up to and including EOS; sampler_logps (B, N), the sampler's own log-probs (a diagnostic);
+    finished (B,) whether the row emitted EOS.
+    """
+    s = rollout.generate(model, [prompt_ids(tok, p) for p in prompts], args.max_new_tokens,
+                         temperature=temperature, eos_id=task.EOS, generator=generator, pad_id=task.PAD,
+                         autocast=args.amp)
+    texts = [task.decode(tok, c) for c in s.completion_ids.tolist()]
+    verdicts = [verify_finished(p, t, done) for p, t, done in zip(prompts, texts, s.finished.tolist())]
+    roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
+            "completion_mask": s.completion_mask, "sampler_logps": s.logps, "finished": s.finished}
+    return texts, verdicts, roll
+
+
+def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
+    """n completions per prompt -> (correct (P, n) bool, P * n texts, P * n completion id lists).
+
+    A prompt's n samples are consecutive. The id lists are the sampled tokens themselves, up to and
+    including EOS: the exact sequences, which decoded text is not (decode drops the special tokens).
     """
     gen = torch.Generator(device=args.device).manual_seed(seed)
     rows = [p for p in prompts for _ in range(n)]
     correct, texts, completions = [], [], []
     for i in range(0, len(rows), batch_rows):
-        chunk = rows[i:i + batch_rows]
-        ids = [prompt_ids(tok, p) for p in chunk]
-        max_new = min(args.max_new_tokens, model.config.max_seq_len - max(map(len, ids)))
-        with args.amp():
-            s = rollout.sample(model, ids, max_new, temperature=temperature, eos_id=task.EOS, generator=gen)
-        finished = (s.completion_ids == task.EOS).any(1).tolist()  # cut off at the length limit = wrong
-        for p, c, done in zip(chunk, s.completion_ids.tolist(), finished):
-            text = task.decode(tok, c)
-            texts.append(text)
-            correct.append(done and task.verify(p, text).correct)
-        if return_ids:
-            completions += [c[:m] for c, m in zip(s.completion_ids.tolist(), s.completion_mask.sum(1).tolist())]
-    correct = torch.tensor(correct).view(len(prompts), n)
-    return (correct, texts, completions) if return_ids else (correct, texts)
+        t, verdicts, roll = sample_and_verify(model, tok, rows[i:i + batch_rows], args, temperature, gen)
+        texts += t
+        correct += [v.correct for v in verdicts]
+        lengths = roll["completion_mask"].sum(1).tolist()
+        completions += [c[:m] for c, m in zip(roll["completion_ids"].tolist(), lengths)]
+    return torch.tensor(correct).view(len(prompts), n), texts, completions
 
 
 def evaluate(model, tok, problems, args, seed=0):
     """Greedy and sampled (T=1) correctness per held-out problem."""
-    model.eval()
     prompts = [r["prompt"] for r in problems]
-    greedy, _ = solve(model, tok, prompts, 1, 0.0, args, seed)
+    greedy = solve(model, tok, prompts, 1, 0.0, args, seed)[0]  # (P, 1)
     out = {"greedy": greedy[:, 0].float().tolist()}
     if args.eval_samples > 0:
-        sampled, _ = solve(model, tok, prompts, args.eval_samples, 1.0, args, seed)
+        sampled = solve(model, tok, prompts, args.eval_samples, 1.0, args, seed)[0]  # (P, n)
         out["sampled"] = sampled.float().mean(1).tolist()  # per-problem fraction solved
-    model.train()
     return out
 
 
@@ -469,17 +516,6 @@ def encode_pairs(tok, rows):
              task.encode(tok, r["rejected"]) + [task.EOS]) for r in rows]
 
 
-def training_prompts(args):
-    """Prompts of every length the held-out test has: sft.jsonl (2 to 5 operands) and rl.jsonl (5 to 6).
-
-    Only the prompts: stages that generate their own trajectories from them (dpo --pairs self, distill) never
-    read the files' solutions. rl.jsonl alone holds only the longest chains, where an sft model gets fewer
-    samples right (7% for an earlier sft trained on 2 to 4 operands): too few good samples to learn from.
-    """
-    prompts = [r["prompt"] for r in read_rows(args, "sft", {"prompt": str, "completion": str})]
-    return prompts + [r["prompt"] for r in read_rows(args, "rl", {"prompt": str, "answer": int})]
-
-
 def self_pairs(args, policy, tok):
     """Pairs from the init policy's own samples: per prompt, a fully correct sample vs a wrong one.
 
@@ -493,8 +529,7 @@ def self_pairs(args, policy, tok):
     rng = random.Random(args.seed)
     pool = training_prompts(args)
     prompts, G = rng.sample(pool, min(args.pair_prompts, len(pool))), args.group_size
-    correct, texts, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed,
-                                        return_ids=True)  # (P, G) bool, P * G texts and id lists
+    correct, texts, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed)
     n_ops = [len(task.parse_prompt(p).ops) for p in prompts]
     pairs, n_clean = [], 0
     for i, prompt in enumerate(prompts):
@@ -514,7 +549,7 @@ def self_pairs(args, policy, tok):
 
 def heldout_pairs(args, tok):
     """Held-out pairs on the --eval-split prompts: the clean worked solution vs a corrupted one."""
-    rows = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+    rows = heldout_problems(args)
     rng = random.Random(0)  # the same held-out pairs in every run, whatever --seed
     problems = [task.parse_prompt(r["prompt"]) for r in rows]
     rows = [{"prompt": p.prompt, "chosen": task.solution(p), "rejected": task.corrupt(p, rng)}
@@ -743,9 +778,7 @@ def rm_evaluate(ctx, args):
 
 
 def setup_grpo(args, policy, tok):
-    rows = read_rows(args, "rl", {"prompt": str, "answer": int})
-    ctx = {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
-           "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+    ctx = prompt_source(rl_prompts(args), args)
     # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0.
     # Held even at --kl-coef 0 (the default), when it only feeds the logged kl_ref: how far the policy has
     # drifted from its init is the first thing to watch in an RL run. It costs one forward per batch (~10%).
@@ -766,33 +799,17 @@ def chunked_logps(model, roll, args):
     return torch.cat(out)  # (B, N)
 
 
-def sample_groups(ctx, args, tok):
-    """Draw batch_size prompts, sample G completions for each (rows of a group are consecutive), verify them."""
-    policy = ctx["policy"]
+def sample_groups(ctx, args, model):
+    """Draw --batch-size prompts of ctx["prompts"] and sample --group-size completions of each with model (the
+    rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify."""
     prompts = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size) for _ in range(args.group_size)]
-    ids = [prompt_ids(tok, p) for p in prompts]
-    max_new = min(args.max_new_tokens, policy.config.max_seq_len - max(map(len, ids)))
-    policy.eval()
-    with args.amp():
-        s = rollout.sample(policy, ids, max_new, temperature=args.temperature, eos_id=task.EOS,
-                           generator=ctx["gen"])
-    policy.train()
-    texts = [task.decode(tok, c) for c in s.completion_ids.tolist()]
-    verdicts = [task.verify(p, t) for p, t in zip(prompts, texts)]
-    # a completion cut off by --max-new-tokens never scores, even if its text happens to end in "#<answer>"
-    finished = (s.completion_ids == task.EOS).any(1).tolist()
-    verdicts = [dataclasses.replace(v, correct=v.correct and done) for v, done in zip(verdicts, finished)]
-    roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
-            "completion_mask": s.completion_mask, "sampler_logps": s.logps}
-    # the sampler runs under torch.inference_mode, whose tensors may not enter a forward that autograd records
-    # (the embedding saves its ids for backward): clone them into ordinary tensors
-    roll = {k: v.clone() for k, v in roll.items()}
+    texts, verdicts, roll = sample_and_verify(model, ctx["tok"], prompts, args, args.temperature, ctx["gen"])
     return prompts, texts, verdicts, roll
 
 
 def grpo_batch(ctx, args, step):
-    tok, G = ctx["tok"], args.group_size
-    prompts, texts, verdicts, roll = sample_groups(ctx, args, tok)
+    G = args.group_size
+    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
     mask = roll["completion_mask"].float()  # (B, N)
     rewards = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
     stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item()}
@@ -883,8 +900,8 @@ def completion_scores(model, mb, args, shift=False):
                  PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
     """
     P = mb["prompt_ids"].shape[1]
-    ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], 1)  # (B, P+N)
-    attn = torch.cat([mb["prompt_mask"], mb["completion_mask"]], 1)  # (B, P+N)
+    ids, attn = rollout.sequence(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                 mb["completion_mask"])  # (B, P+N) each
     with args.amp():
         hidden = model(ids, attn_mask=attn, return_hidden=True)  # (B, P+N, D)
         scores = model.score(hidden).squeeze(-1).float()  # (B, P+N)
@@ -959,16 +976,15 @@ def learned_rewards(ctx, args, roll, stats):
     model, mask = ctx["reward_model"], roll["completion_mask"]  # (B, N)
     if args.reward == "rm":
         P = roll["prompt_ids"].shape[1]
-        ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)  # (B, P+N)
-        attn = torch.cat([roll["prompt_mask"], mask], 1)  # (B, P+N)
+        ids, attn = rollout.sequence(roll["prompt_ids"], roll["prompt_mask"], roll["completion_ids"],
+                                     mask)  # (B, P+N) each
         last = P + mask.sum(1) - 1  # (B,) the last real token: the EOS of a finished completion
         rewards = torch.cat([sequence_scores(model, ids[sl], last[sl], args, attn_mask=attn[sl])
                              for sl in chunks(len(ids), args.micro_batch_size)])  # (B,)
         # A cut-off completion never reached the [eos] the RM learned to score at, and the verifier would call
         # it wrong: give it the lowest score of the batch rather than an out-of-distribution guess (TRL
         # instead subtracts a fixed missing_eos_penalty).
-        finished = (roll["completion_ids"] == task.EOS).any(1)  # (B,)
-        rewards = torch.where(finished, rewards, rewards.min())  # (B,)
+        rewards = torch.where(roll["finished"], rewards, rewards.min())  # (B,)
         stats["rm_score"] = rewards.mean().item()
         return rewards, None
     scores = chunked_scores(model, roll, args)  # (B, N) the PRM's score after reading each completion token
@@ -1038,7 +1054,7 @@ def ppo_batch(ctx, args, step):
         5. The KL is k1 always (--kl-kind and --kl-in are GRPO's); log pi_old is the policy's training
            forward, not the sampler's, so that the first ratio is exactly 1.
     """
-    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["tok"])
+    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
     mask = roll["completion_mask"].float()  # (B, N)
     score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
     stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item()}
@@ -1093,9 +1109,7 @@ def ppo_loss(ctx, args, mb):
 
 def setup_rft(args, policy, tok):
     # not setup_grpo: RFT needs neither a reference nor a --reward scorer, only prompts and a generator
-    rows = read_rows(args, "rl", {"prompt": str, "answer": int})
-    return {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
-            "gen": torch.Generator(device=args.device).manual_seed(args.seed), "round": 0,
+    return {**prompt_source(rl_prompts(args), args), "round": 0,
             "steps_per_round": math.ceil(args.steps / args.rounds)}
 
 
@@ -1130,7 +1144,7 @@ def rft_batch(ctx, args, step):
         prompts, texts, verdicts = [], [], []
         # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
         for _ in range(math.ceil(args.round_prompts / args.batch_size)):
-            p, t, v, _ = sample_groups(ctx, args, tok)
+            p, t, v, _ = sample_groups(ctx, args, ctx["policy"])
             prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
         kept = rft_keep(prompts, texts, verdicts)
         seqs = [prompt_ids(tok, p) + task.encode(tok, c) + [task.EOS] for p, c in kept]
@@ -1152,9 +1166,7 @@ def rft_batch(ctx, args, step):
 
 
 def setup_prm(args, policy, tok):
-    rows = read_rows(args, "rl", {"prompt": str, "answer": int})
-    ctx = {"prompts": [r["prompt"] for r in rows], "order": Shuffler(len(rows), args.seed),
-           "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+    ctx = prompt_source(rl_prompts(args), args)
     if args.prm_data == "samples" or args.prm_labels == "mc":
         # the frozen init policy: it writes the training completions (the PRM must judge the steps and
         # mistakes of the policy it will reward) and, with --prm-labels mc, the rollouts that estimate the
@@ -1169,8 +1181,7 @@ def setup_prm(args, policy, tok):
     # Held-out steps, drawn once (fixed seed) so that before and after see the same ones: completions of the
     # same kind as the training data for the first --eval-problems held-out prompts, --eval-samples each: the
     # init policy's samples, or noisy worked solutions.
-    problems = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
-    prompts = [r["prompt"] for r in problems for _ in range(max(1, args.eval_samples))]
+    prompts = [r["prompt"] for r in heldout_problems(args) for _ in range(max(1, args.eval_samples))]
     ctx["heldout"] = None
     if prompts:
         if args.prm_data == "pretrain":
@@ -1179,19 +1190,12 @@ def setup_prm(args, policy, tok):
             completions = [task.encode(tok, t) + [task.EOS] for t in texts]
         else:
             n = max(1, args.eval_samples)
-            _, texts, completions = solve(ctx["sampler"], tok, prompts[::n], n, args.temperature, args,
-                                          seed=0, return_ids=True)
+            _, texts, completions = solve(ctx["sampler"], tok, prompts[::n], n, args.temperature, args, seed=0)
         # mc labels estimate "can the policy still reach the answer from here?", which are the prefix labels
-        verdicts = [verify_finished(p, t, c) for p, t, c in zip(prompts, texts, completions)]
+        verdicts = [verify_finished(p, t, task.EOS in c) for p, t, c in zip(prompts, texts, completions)]
         labels = [v.prefix_labels if args.prm_labels == "mc" else v.step_labels for v in verdicts]
         ctx["heldout"] = prm_rows(completion_rows(tok, prompts, completions, args.device), verdicts, labels)
     return ctx
-
-
-def verify_finished(prompt, text, completion_ids):
-    """task.verify, with a completion that has no EOS (cut off at the length limit) counted as wrong."""
-    v = task.verify(prompt, text)
-    return dataclasses.replace(v, correct=v.correct and task.EOS in completion_ids)
 
 
 def completion_rows(tok, prompts, completions, device):
@@ -1200,7 +1204,8 @@ def completion_rows(tok, prompts, completions, device):
     prompt_ids_, prompt_mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts], task.PAD)  # (B, P) x2
     roll = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask,
             "completion_ids": pad_right(completions, task.PAD),  # (B, N)
-            "completion_mask": pad_right([[1] * len(c) for c in completions], 0)}  # (B, N)
+            "completion_mask": pad_right([[1] * len(c) for c in completions], 0),  # (B, N)
+            "finished": torch.tensor([task.EOS in c for c in completions])}  # (B,)
     return {k: v.to(device) for k, v in roll.items()}
 
 
@@ -1230,13 +1235,10 @@ def sample_continuations(ctx, args, prompts, prefixes):
     tok, model, texts, finished = ctx["tok"], ctx["sampler"], [], []
     for sl in chunks(len(prompts), 512):
         ids = [prompt_ids(tok, p) + task.encode(tok, c) for p, c in zip(prompts[sl], prefixes[sl])]
-        max_new = min(args.max_new_tokens, model.config.max_seq_len - max(map(len, ids)))
-        with args.amp():
-            s = rollout.sample(model, ids, max_new, temperature=args.temperature, eos_id=task.EOS,
-                               generator=ctx["gen"])
-        for prefix, c in zip(prefixes[sl], s.completion_ids.tolist()):
-            texts.append(prefix + task.decode(tok, c))
-            finished.append(task.EOS in c)
+        s = rollout.generate(model, ids, args.max_new_tokens, temperature=args.temperature, eos_id=task.EOS,
+                             generator=ctx["gen"], pad_id=task.PAD, autocast=args.amp)
+        texts += [prefix + task.decode(tok, c) for prefix, c in zip(prefixes[sl], s.completion_ids.tolist())]
+        finished += s.finished.tolist()
     return texts, finished
 
 
@@ -1291,9 +1293,8 @@ def prm_batch(ctx, args, step):
         verdicts = [task.verify(p, t) for p, t in rows]
         roll = completion_rows(tok, prompts, [task.encode(tok, t) + [task.EOS] for t in texts], args.device)
     else:
-        # sample_groups samples from ctx["policy"], here the PRM in training: hand it the frozen init instead
-        prompts, texts, verdicts, roll = sample_groups({**ctx, "policy": ctx["sampler"]}, args, tok)
-        ctx["sampler"].eval()  # sample_groups hands its model back in train mode
+        # the frozen init writes the completions, not the PRM in training
+        prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["sampler"])
     if args.prm_labels == "mc":
         labels = mc_step_labels(prompts, texts, verdicts, lambda p, c: sample_continuations(ctx, args, p, c),
                                 args.mc_rollouts)
@@ -1380,21 +1381,17 @@ def setup_distill(args, policy, tok):
           f"student {policy.num_params() / 1e6:.2f}M; mode {args.distill_mode}")
     # the student learns the teacher's distributions on these prompts (on rl.jsonl's alone, long chains an sft
     # teacher mostly gets wrong, the student's pass@1 did not move)
-    prompts = training_prompts(args)
-    return {"teacher": teacher, "prompts": prompts, "order": Shuffler(len(prompts), args.seed),
-            "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
+    return {"teacher": teacher, **prompt_source(training_prompts(args), args)}
 
 
 def distill_batch(ctx, args, step):
-    # Who writes the sequences is the whole difference between off- and on-policy distillation: sample_groups
-    # samples from ctx["policy"], so the off-policy modes hand it the teacher in that slot.
+    # who writes the sequences is the whole difference between off- and on-policy distillation
     sampler = ctx["policy"] if args.distill_mode == "onpolicy" else ctx["teacher"]
     # one sample per prompt (group size 1): G samples of a prompt from a peaked teacher are near copies, so
     # --group-size 8 divides the distinct sequences per step by about 8 (measured, 200 steps: student greedy
     # pass@1 9.5% -> 10.0% with G = 8, -> 16.5% with G = 1)
     one_each = argparse.Namespace(**{**vars(args), "group_size": 1})
-    _, _, verdicts, roll = sample_groups({**ctx, "policy": sampler}, one_each, ctx["tok"])
-    ctx["teacher"].eval()  # sample_groups hands its sampler back in train mode (no dropout here, but still)
+    _, _, verdicts, roll = sample_groups(ctx, one_each, sampler)
     del roll["sampler_logps"]
     roll["w"] = roll["completion_mask"].sum(1)  # (B,) tokens per row: the loss is a token mean over the batch
     stats = {"sample_reward": sum(v.correct for v in verdicts) / len(verdicts),
@@ -1419,9 +1416,8 @@ def distill_loss(ctx, args, mb):
 def distill_evaluate(ctx, args):
     """The teacher's held-out pass@1 (computed once: it does not change) and both parameter counts."""
     if "teacher_eval" not in ctx:
-        problems = read_rows(args, args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+        problems = heldout_problems(args)
         ev = evaluate(ctx["teacher"], ctx["tok"], problems, args) if problems else {}
-        ctx["teacher"].eval()  # evaluate() hands models back in train mode
         ctx["teacher_eval"] = {f"teacher_{k}": sum(v) / len(v) for k, v in ev.items()}
         ctx["teacher_eval"].update(teacher_params=float(ctx["teacher"].num_params()),
                                    student_params=float(ctx["policy"].num_params()))
@@ -1500,10 +1496,10 @@ def eval_split(model, tok, problems, args):
     Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
     """
     prompts, n = [r["prompt"] for r in problems], args.eval_n
-    greedy, _ = solve(model, tok, prompts, 1, 0.0, args, seed=0)  # (P, 1)
+    greedy = solve(model, tok, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
     # every model samples with the same seed (common random numbers): differences between models then reflect
     # the models more than the luck of the draw
-    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0, return_ids=True)  # (P, n)
+    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
     rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
     seq_logps, entropy, n_tokens = score_samples(model, tok, rows, completions, args)  # 3 x (P * n,)
     counts = correct.sum(1).tolist()  # per problem: correct samples out of n
@@ -1518,8 +1514,7 @@ def eval_split(model, tok, problems, args):
 def eval_checkpoints(args, folders, base):
     """The base, then each folder in order, on EVAL_SPLITS, one model in memory at a time -> a JSON dict."""
     tok = task.load_tokenizer()
-    fields = {"prompt": str, "answer": int}
-    problems = {s: read_rows(args, s, fields)[:args.eval_problems] for s in EVAL_SPLITS}
+    problems = {s: heldout_problems(args, s) for s in EVAL_SPLITS}
     results, base_samples = [], {}
     for folder in [base] + [f for f in folders if f != base]:
         t0 = time.time()
@@ -1699,10 +1694,6 @@ STAGES = {
 # the one loop
 
 
-def chunks(n, size):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def accumulate_gradients(stage, ctx, args, batch, rows):
     """Forward and backward over one minibatch (the batch rows `rows`, a (R,) index tensor) in micro-batches.
 
@@ -1772,8 +1763,7 @@ def train_stage(user_args, name):
     args, ctx = prepare(name, user_args)
     policy, tok = ctx["policy"], ctx["tok"]
     # held-out pass@1 of a generator; a scorer (RM, PRM) is judged by the stage's own evaluate() instead
-    problems = [] if stage.score_head else read_rows(args, args.eval_split, {"prompt": str, "answer": int})
-    problems = problems[:args.eval_problems]
+    problems = [] if stage.score_head else heldout_problems(args)
     # a model from scratch solves nothing (and never stops generating), so its "before" is 0 by construction
     before = evaluate(policy, tok, problems, args) if problems and args.init else {}
     if stage.evaluate is not None:

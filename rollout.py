@@ -25,6 +25,8 @@ what the policy and reference compute with completion_logps, so the PPO/GRPO rat
 update.
 """
 
+import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ class Samples:
     completion_ids: torch.Tensor  # (B, N) pad_id after EOS
     completion_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
     logps: torch.Tensor  # (B, N) fp32 log-prob of each token under logits/temperature; 0 where mask is 0
+    finished: torch.Tensor  # (B,) bool: the row emitted EOS; False = cut off at the length limit
 
 
 def left_pad(prompts, pad_id, device=None):
@@ -143,7 +146,28 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     N = int(completion_mask.sum(-1).max())  # drop trailing columns where every row had finished
     completion_ids = torch.stack(ids, dim=1).masked_fill(finished, pad_id)[:, :N]  # (B, N)
     logps = torch.stack(logps, dim=1).masked_fill(finished, 0.0)[:, :N]  # (B, N)
-    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps)
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps, done)
+
+
+def generate(model, prompts, max_new_tokens, temperature=1.0, eos_id=None, generator=None, pad_id=0,
+             autocast=nullcontext):
+    """sample() as every stage calls it: the length budget clamped to the model's context, under autocast.
+
+    max_new_tokens is cut to what fits after the longest prompt (config.max_seq_len), so a long prompt
+    shortens the budget instead of failing. The returned tensors are ordinary ones, not inference-mode
+    tensors (which a forward that autograd records may not save), ready to train on. The model's train / eval
+    mode is left as the caller set it.
+    """
+    max_new = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
+    with autocast():
+        s = sample(model, prompts, max_new, temperature=temperature, eos_id=eos_id, generator=generator,
+                   pad_id=pad_id)
+    return Samples(*(getattr(s, f.name).clone() for f in dataclasses.fields(s)))
+
+
+def sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """[prompt; completion] ids and attention mask, each (B, P + N): the one place they are concatenated."""
+    return torch.cat((prompt_ids, completion_ids), dim=1), torch.cat((prompt_mask, completion_mask), dim=1)
 
 
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
@@ -164,8 +188,7 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     temperature-scaled logits (B, N, V) at the completion positions (entropy, distillation).
     """
     P = prompt_ids.size(1)
-    ids = torch.cat((prompt_ids, completion_ids), dim=1)  # (B, P + N)
-    mask = torch.cat((prompt_mask, completion_mask), dim=1)  # (B, P + N)
+    ids, mask = sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, P + N) each
     # logits[:, P - 1] predicts the first completion token, the last position predicts nothing we have
     logits = model(ids, mask)[:, P - 1:-1].float()  # (B, N, V)
     if temperature not in (0, 1):

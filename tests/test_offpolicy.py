@@ -173,8 +173,8 @@ def test_self_pairs_pair_a_fully_right_sample_with_a_wrong_one(tmp_path, monkeyp
     # 3 prompts x G=3 samples; "clean" = worked solution, "lucky" = the right answer with no steps, "wrong"
     kinds = [["wrong", "clean", "wrong"], ["wrong", "wrong", "lucky"], ["clean", "lucky", "wrong"]]
 
-    def fake_solve(model, tok, prompts, n, temperature, args, seed, return_ids=False):
-        assert n == 3 and return_ids and len(prompts) == 3
+    def fake_solve(model, tok, prompts, n, temperature, args, seed):
+        assert n == 3 and len(prompts) == 3
         texts = []
         for prompt, row in zip(prompts, kinds):
             problem = task.parse_prompt(prompt)
