@@ -43,6 +43,7 @@ from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
 # -----------------------------------------------------------------------------------------------------------
 # flags
 
@@ -265,7 +266,7 @@ def stages_to_train(user_args, names):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# data: JSONL files of data/, tokenised once per stage
+# data: the task's JSONL files, tokenised once per stage
 
 
 def read_rows(args, name, fields):
@@ -309,6 +310,11 @@ class Shuffler:
         return out
 
 
+def chunks(n, size):
+    """Slices that cut range(n) into consecutive pieces of at most `size`."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def rl_prompts(args):
     """The prompts of rl.jsonl, where the on-policy stages (and the PRM's samples) come from."""
     return [r["prompt"] for r in read_rows(args, "rl", {"prompt": str, "answer": int})]
@@ -334,11 +340,6 @@ def prompt_source(prompts, args):
     """What a sampling stage draws from: the prompts, their seeded order, the sampler's seeded generator."""
     return {"prompts": prompts, "order": Shuffler(len(prompts), args.seed),
             "gen": torch.Generator(device=args.device).manual_seed(args.seed)}
-
-
-def chunks(n, size):
-    """Slices that cut range(n) into consecutive pieces of at most `size`."""
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -391,7 +392,12 @@ def ensure_stage_output(user_args, name):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# eval: held-out pass@1, greedy and sampled, on the same problems before and after a stage
+# sampling and scoring, shared by every stage that samples completions or scores them
+#
+# A rollout batch ("roll") is a dict of row tensors: prompt_ids, prompt_mask (B, P) left padded;
+# completion_ids, completion_mask (B, N), the mask 1 on generated tokens up to and including EOS; finished
+# (B,); plus whatever the stage adds (old_logps, ref_logps, adv, ...). Every log-prob of a completion, for the
+# old policy, the reference, the policy in training and a teacher alike, comes from rollout.completion_logps.
 
 
 def verify_finished(prompt, text, finished):
@@ -420,6 +426,14 @@ def sample_and_verify(model, tok, prompts, args, temperature, generator):
     return texts, verdicts, roll
 
 
+def sample_groups(ctx, args, model):
+    """Draw --batch-size prompts of ctx["prompts"] and sample --group-size completions of each with model (the
+    rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify."""
+    prompts = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size) for _ in range(args.group_size)]
+    texts, verdicts, roll = sample_and_verify(model, ctx["tok"], prompts, args, args.temperature, ctx["gen"])
+    return prompts, texts, verdicts, roll
+
+
 def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
     """n completions per prompt -> (correct (P, n) bool, P * n texts, P * n completion id lists).
 
@@ -436,6 +450,66 @@ def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
         lengths = roll["completion_mask"].sum(1).tolist()
         completions += [c[:m] for c, m in zip(roll["completion_ids"].tolist(), lengths)]
     return torch.tensor(correct).view(len(prompts), n), texts, completions
+
+
+def completion_rows(tok, prompts, completions, device):
+    """Prompts (text) and completions (token ids, with their EOS if finished) -> the rollout tensors that
+    sample_groups() returns: left-padded prompts, right-padded completions, masks."""
+    prompt_ids_, prompt_mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts], task.PAD)  # (B, P) x2
+    roll = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask,
+            "completion_ids": pad_right(completions, task.PAD),  # (B, N)
+            "completion_mask": pad_right([[1] * len(c) for c in completions], 0),  # (B, N)
+            "finished": torch.tensor([task.EOS in c for c in completions])}  # (B,)
+    return {k: v.to(device) for k, v in roll.items()}
+
+
+@torch.no_grad()
+def chunked_logps(model, roll, args):
+    """Completion log-probs of a whole rollout batch, in micro-batch chunks (same chunks as the update)."""
+    out = [roll["completion_ids"][:0].float()]  # (0, N): a batch whose every group was dropped stays empty
+    for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size):
+        with args.amp():
+            out.append(rollout.completion_logps(model, roll["prompt_ids"][sl], roll["prompt_mask"][sl],
+                                                roll["completion_ids"][sl], roll["completion_mask"][sl],
+                                                temperature=args.temperature))
+    return torch.cat(out)  # (B, N)
+
+
+def completion_forward(model, mb, args):
+    """Training forward over [prompt; completion] -> completion log-probs (B, N) and logits (B, N, V), fp32,
+    of logits / temperature: rollout.completion_logps, the one log-prob path, under the stage's autocast."""
+    with args.amp():
+        return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                        mb["completion_mask"], temperature=args.temperature, return_logits=True)
+
+
+def completion_scores(model, mb, args, shift=False):
+    """Score head over [prompt; completion] -> one scalar per completion token, (B, N), fp32.
+
+    shift=False: the score AT token t, i.e. after reading it. Reward models and PRMs judge what they have
+                 read, so a step is scored at its own last token (PITFALLS item 7: the exception to the
+                 shift).
+    shift=True:  the score at the position BEFORE token t, i.e. of the state in which token t is chosen: the
+                 PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
+    """
+    P = mb["prompt_ids"].shape[1]
+    ids, attn = rollout.sequence(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
+                                 mb["completion_mask"])  # (B, P+N) each
+    with args.amp():
+        hidden = model(ids, attn_mask=attn, return_hidden=True)  # (B, P+N, D)
+        scores = model.score(hidden).squeeze(-1).float()  # (B, P+N)
+    return scores[:, P - 1:-1] if shift else scores[:, P:]  # (B, N)
+
+
+@torch.no_grad()
+def chunked_scores(model, roll, args, shift=False):
+    """completion_scores of a whole rollout batch, in micro-batch chunks."""
+    return torch.cat([completion_scores(model, {k: v[sl] for k, v in roll.items()}, args, shift)
+                      for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size)])  # (B, N)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# held-out pass@1 before and after a stage (greedy, and sampled at T=1), on the same problems
 
 
 def evaluate(model, tok, problems, args, seed=0):
@@ -465,7 +539,43 @@ def report_eval(name, before, after):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# off-policy language-model stages: pretrain (noisy worked solutions) and sft (clean solutions, prompt masked)
+# the table of stages: each section below ends with its rows
+
+
+@dataclass
+class Stage:
+    regime: str  # where trajectories come from: "off-policy" (given data) or "on-policy" (own rollouts)
+    role: str  # the survey's role: support expansion, policy reshaping, consolidation
+    init: str | None  # the stage whose output is this stage's default starting point (None: from scratch)
+    holds: str  # the models the stage keeps in memory
+    setup: Callable | None = None  # (args, policy, tok) -> ctx: data, and the frozen models the stage holds
+    make_batch: Callable | None = None  # (ctx, args, step) -> (dict of row tensors incl. "w", logged stats)
+    loss: Callable | None = None  # (ctx, args, micro-batch) -> (scalar loss, dict of metrics)
+    defaults: dict = field(default_factory=dict)  # the stage's values for flags left unset
+    score_head: bool = False  # the trained model is a scalar scorer (reward model, PRM), not a generator
+    evaluate: Callable | None = None  # (ctx, args) -> dict: the stage's own held-out check (e.g. RM accuracy)
+    pipeline_input: str = "init"  # the flag a pipeline sets to the previous stage's output (distill: teacher)
+    run: Callable | None = None  # (user_args, name): a stage that trains nothing (eval) runs this, not the loop
+
+STAGES = {}  # name -> Stage, in pipeline order; `--stage -h` lists them, the eval stage walks them in order
+
+
+# ===========================================================================================================
+# lm: pretrain, sft, rft -- next-token cross-entropy on demonstrations
+#
+# pretrain: every token of noisy worked solutions (data/pretrain.jsonl), from scratch: the base model.
+# sft: supervised fine-tuning on clean demonstrations (sft.jsonl), the loss on the completion only
+#      (InstructGPT, Ouyang et al. 2022, arXiv 2203.02155, Sec. 3.5). Off-policy, support expansion.
+# rft: rejection-sampling fine-tuning: sample from the policy, keep what the verifier accepts, SFT on it.
+#      STaR (Zelikman et al. 2022, arXiv 2203.14465: iterate sample, keep correct, fine-tune); RFT (Yuan et
+#      al. 2023, arXiv 2308.01825: k samples per problem, distinct correct paths); also called expert
+#      iteration or ReST-EM (Singh et al. 2023, arXiv 2312.06585). On-policy, policy reshaping.
+# Differs from the papers (rft):
+#   1. Fine-tuning continues from the current weights, and each round's set replaces the previous one
+#      (STaR and ReST-EM restart from the base model each iteration; RFT samples once, from the SFT model).
+#   2. Distinct by exact string (RFT compares the list of equations; here they are the same thing).
+#   3. No rationalisation (STaR's retry with the answer as a hint for problems it failed).
+#   4. A fixed number of steps per round (--steps / --rounds) instead of training each round to convergence.
 
 
 def setup_pretrain(args, policy, tok):
@@ -482,6 +592,10 @@ def setup_sft(args, policy, tok):
         seqs.append(p + task.encode(tok, r["completion"]) + [task.EOS])
         n_prompt.append(len(p))
     return {"seqs": seqs, "n_prompt": n_prompt, "order": Shuffler(len(seqs), args.seed)}
+
+
+def lm_stage_batch(ctx, args, step):
+    return lm_batch(ctx, args, step), {}
 
 
 def lm_batch(ctx, args, step):
@@ -501,149 +615,109 @@ def lm_loss(ctx, args, mb):
         logits = ctx["policy"](mb["ids"])  # (B, T, V)
     return sft_loss(logits, mb["labels"]), {}
 
+STAGES["pretrain"] = Stage(
+    regime="off-policy", role="support (base model)", init=None, holds="policy",
+    setup=setup_pretrain, make_batch=lm_stage_batch, loss=lm_loss,
+    defaults=dict(steps=600, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100, ppo_epochs=1,
+                  log_every=100, n_layer=4, n_embd=128))
+STAGES["sft"] = Stage(
+    regime="off-policy", role="support expansion", init="pretrain", holds="policy",
+    setup=setup_sft, make_batch=lm_stage_batch, loss=lm_loss,
+    defaults=dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=20, ppo_epochs=1,
+                  log_every=50))
 
-# -----------------------------------------------------------------------------------------------------------
-# off-policy: dpo and the reward model
+
+def setup_rft(args, policy, tok):
+    # not setup_grpo: RFT needs neither a reference nor a --reward scorer, only prompts and a generator
+    return {**prompt_source(rl_prompts(args), args), "round": 0,
+            "steps_per_round": math.ceil(args.steps / args.rounds)}
+
+
+def rft_batch(ctx, args, step):
+    """Rejection-sampling fine-tuning: sample from the policy, keep what the verifier accepts, SFT on it.
+
+    Every steps / rounds steps a round begins: --round-prompts prompts, --group-size samples each from the
+    current policy; the verified-correct ones (deduplicated) replace the SFT set, and the steps until the next
+    round are plain SFT batches of it (lm_loss: the prompt is masked). A round that keeps nothing gives empty
+    batches.
+
+    Papers: STaR, Zelikman et al. 2022, arXiv 2203.14465 (iterate: sample, keep correct, fine-tune);
+    RFT, Yuan et al. 2023, arXiv 2308.01825 (k samples per problem, distinct correct paths); also called
+    expert iteration (Anthony et al. 2017) or ReST-EM (Singh et al. 2023, arXiv 2312.06585).
+
+    Differs from the paper:
+        1. Fine-tuning continues from the current weights, and each round's set replaces the previous one
+           (STaR and ReST-EM restart from the base model each iteration; RFT samples once, from the SFT
+           model).
+        2. Distinct by exact string (RFT compares the list of equations; here they are the same thing).
+        3. No rationalisation (STaR's retry with the answer as a hint for problems it failed).
+        4. A fixed number of steps per round instead of training each round to convergence.
+    """
+    tok, stats = ctx["tok"], {}
+    if step % ctx["steps_per_round"] == 0:
+        prompts, texts, verdicts = [], [], []
+        # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
+        for _ in range(math.ceil(args.round_prompts / args.batch_size)):
+            p, t, v, _ = sample_groups(ctx, args, ctx["policy"])
+            prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
+        kept = rft_keep(prompts, texts, verdicts)
+        seqs = [prompt_ids(tok, p) + task.encode(tok, c) + [task.EOS] for p, c in kept]
+        ctx["data"] = {"seqs": seqs, "n_prompt": [len(prompt_ids(tok, p)) for p, _ in kept],
+                       "order": Shuffler(len(seqs), args.seed + step)}
+        ctx["round"] += 1
+        ctx["round_stats"] = {"round": ctx["round"], "kept_distinct": len(kept),
+                              "kept_frac": sum(v.correct for v in verdicts) / len(verdicts),
+                              "prompts_solved": len({p for p, _ in kept}) * args.group_size / len(prompts)}
+    stats.update(ctx["round_stats"])
+    if not ctx["data"]["seqs"]:
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return {"ids": empty, "labels": empty, "w": torch.zeros(0)}, stats  # the loop skips an empty batch
+    return lm_batch(ctx["data"], args, step), stats
+
+
+def rft_keep(prompts, texts, verdicts):
+    """The (prompt, completion) pairs worth imitating: verified correct (sample_groups already counts a
+    completion cut off before EOS as wrong), each distinct pair once, in order of first appearance."""
+    return list(dict.fromkeys((p, t) for p, t, v in zip(prompts, texts, verdicts) if v.correct))
+
+STAGES["rft"] = Stage(
+    regime="on-policy", role="policy reshaping (rejection sampling)", init="sft", holds="policy",
+    setup=setup_rft, make_batch=rft_batch, loss=lm_loss,
+    defaults=dict(steps=60, lr=1e-4, batch_size=64, micro_batch_size=64, warmup=0, ppo_epochs=1, log_every=5))
+
+
+# ===========================================================================================================
+# pairs: dpo and rm -- learning from preference pairs (prompt, chosen, rejected)
 #
-# Both learn from preference pairs (prompt, chosen, rejected), held as token ids: [bos] + prompt, and each
-# completion ending in EOS. A batch keeps chosen and rejected as SEPARATE right-padded tensors, each (B, T)
-# with a mask (B, T) that is 1 on the completion's tokens (EOS included), never one tensor half chosen.
-
-
-def encode_pairs(tok, rows):
-    """Text pairs [{"prompt", "chosen", "rejected"}] -> [(prompt ids, chosen ids, rejected ids)], + EOS."""
-    return [(prompt_ids(tok, r["prompt"]), task.encode(tok, r["chosen"]) + [task.EOS],
-             task.encode(tok, r["rejected"]) + [task.EOS]) for r in rows]
-
-
-def self_pairs(args, policy, tok):
-    """Pairs from the init policy's own samples: per prompt, a fully correct sample vs a wrong one.
-
-    --group-size samples for each of --pair-prompts prompts (training_prompts, a seeded draw), sampled once,
-    before any update. Chosen: the right answer AND every step right (the verifier's step labels). Samples
-    that reach the right answer through wrong steps are used for neither side: with outcome-only labels they
-    were 65% of the "correct" samples, and DPO on them halved pass@1 (51% -> 25%, 693 pairs, 100 steps).
-    Rejected: a wrong answer. A pair holds the sampled token ids themselves (up to and including EOS, or cut
-    at the length limit), not a re-encoding of their text: exactly what the policy generated.
-    """
-    rng = random.Random(args.seed)
-    pool = training_prompts(args)
-    prompts, G = rng.sample(pool, min(args.pair_prompts, len(pool))), args.group_size
-    correct, texts, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed)
-    n_ops = [len(task.parse_prompt(p).ops) for p in prompts]
-    pairs, n_clean = [], 0
-    for i, prompt in enumerate(prompts):
-        good, bad = [], []
-        for j in range(i * G, (i + 1) * G):  # solve keeps a prompt's G samples together
-            if not correct[i, j - i * G]:
-                bad.append(completions[j])
-            elif task.verify(prompt, texts[j]).step_labels == [1] * n_ops[i]:  # one right step per operation
-                good.append(completions[j])
-        n_clean += len(good)
-        if good and bad:  # a prompt the policy always (or never) solves gives no pair
-            pairs.append((prompt_ids(tok, prompt), rng.choice(good), rng.choice(bad)))
-    print(f"[pairs] self: {len(pairs)} pairs from {len(prompts)} prompts x {G} samples ({correct.sum()} "
-          f"samples correct, {n_clean} of them with every step right)")
-    return pairs
-
-
-def heldout_pairs(args, tok):
-    """Held-out pairs on the --eval-split prompts: the clean worked solution vs a corrupted one."""
-    rows = heldout_problems(args)
-    rng = random.Random(0)  # the same held-out pairs in every run, whatever --seed
-    problems = [task.parse_prompt(r["prompt"]) for r in rows]
-    rows = [{"prompt": p.prompt, "chosen": task.solution(p), "rejected": task.corrupt(p, rng)}
-            for p in problems]
-    return encode_pairs(tok, rows)
-
-
-def setup_pairs(args, policy, tok):
-    """Training pairs (--pairs given or self) and held-out pairs, tokenised; dpo and rm share this."""
-    if args.pairs == "self":
-        train = self_pairs(args, policy, tok)
-    else:
-        train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
-    if not train:
-        die("no preference pairs (--pairs self: no prompt got both a correct and a "
-                 "wrong sample; raise --pair-prompts or --group-size)")
-    return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
-            "order": Shuffler(len(train), args.seed)}
-
-
-def pair_batch(split, idx, device):
-    """Pairs idx of a split {"pairs", optional "ref_chosen_logps", "ref_rejected_logps"} -> row tensors."""
-    pairs = split["pairs"]
-    batch = {}
-    for side, k in (("chosen", 1), ("rejected", 2)):
-        batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], task.PAD)  # (B, T)
-        # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding (PITFALLS item 10)
-        batch[side + "_mask"] = pad_right([[0] * len(pairs[i][0]) + [1] * len(pairs[i][k]) for i in idx], 0)
-    for key in ("ref_chosen_logps", "ref_rejected_logps"):
-        if key in split:
-            batch[key] = split[key][idx]  # (B,)
-    batch["w"] = torch.ones(len(idx))  # one loss unit per pair: the loss is a mean over pairs
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def sequence_logps(model, ids, mask, args):
-    """Summed completion log-probs (B,) of right-padded ids (B, T); mask (B, T) is 1 on completion tokens."""
-    with args.amp():
-        logits = model(ids)  # (B, T, V); right padding needs no attention mask (see lm_loss)
-    logps = token_logprobs(logits, ids)  # (B, T-1): column t is the log-prob of token t+1
-    # the mask shifts with the tokens: prompt and padding add exactly 0, to the policy and the reference alike
-    return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (B,)
-
-
-def last_index(mask):
-    """Index (B,) of the last 1 in each row of a 0/1 mask (B, T)."""
-    return (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,)
-
-
-def sequence_scores(model, ids, last, args, attn_mask=None):
-    """A score-head model's scalar per sequence (B,): its score at position last (B,) of ids (B, T).
-
-    Convention (the rm stage, and whatever scores rollouts with a trained reward model): the score of a
-    completion is read at the LAST real token of [bos] + prompt + completion + [eos], its EOS, the one
-    position that has seen the whole completion. attn_mask (B, T) is needed only with left padding (rollouts).
-    """
-    with args.amp():
-        hidden = model(ids, attn_mask=attn_mask, return_hidden=True)  # (B, T, D)
-        scores = model.score(hidden).squeeze(-1).float()  # (B, T)
-    return scores.gather(1, last[:, None]).squeeze(1)  # (B,)
-
-
-@torch.no_grad()
-def pair_logps(model, pairs, args):
-    """Summed completion log-probs of every pair's chosen and of its rejected completion: two (N,) tensors."""
-    chosen, rejected = [], []
-    for sl in chunks(len(pairs), args.micro_batch_size):
-        b = pair_batch({"pairs": pairs}, list(range(sl.start, sl.stop)), args.device)
-        chosen.append(sequence_logps(model, b["chosen_ids"], b["chosen_mask"], args).cpu())
-        rejected.append(sequence_logps(model, b["rejected_ids"], b["rejected_mask"], args).cpu())
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def pair_metrics(chosen, rejected):
-    """Preference accuracy (a tie counts half: equal rewards give 0.5), mean margin and rewards; (B,) each."""
-    acc = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()  # (B,)
-    return {"acc": acc.mean().item(), "margin": (chosen - rejected).mean().item(),
-            "reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item()}
-
-
-@torch.no_grad()
-def heldout_pair_eval(ctx, args, terms):
-    """Accuracy and margin on the held-out pairs; terms(model, args, batch) -> (losses, chosen, rejected)."""
-    split = ctx["heldout"]
-    chosen, rejected = [], []
-    # the same chunks as the reference log-probs at setup, so at init the margins are exactly 0 (accuracy 0.5)
-    for sl in chunks(len(split["pairs"]), args.micro_batch_size):
-        _, c, r = terms(ctx["policy"], args, pair_batch(split, list(range(sl.start, sl.stop)), args.device))
-        chosen.append(c)
-        rejected.append(r)
-    if not chosen:
-        return {}
-    m = pair_metrics(torch.cat(chosen), torch.cat(rejected))
-    return {"pair_acc": m["acc"], "pair_margin": m["margin"]}
+# dpo: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
+#      -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))]), and its variants
+#      --loss-type ipo (Azar et al. 2023, arXiv 2310.12036), hinge (SLiC-HF / RSO), simpo (Meng et al. 2024,
+#      arXiv 2405.14734, no reference), cDPO (--label-smoothing). Loss at initialisation: ln 2 (sigmoid).
+# rm:  a Bradley-Terry reward model (InstructGPT, arXiv 2203.02155, Sec. 3.5, eq. 1): a scalar head on the
+#      SFT model trained on -log sigmoid(r(x, y_c) - r(x, y_r)); ln 2 at initialisation (the head starts at
+#      0). A sequence's score is the head's output at its EOS. It builds the reward that grpo / ppo
+#      --reward rm optimise in place of the verifier.
+# Regime: off-policy, trajectories the learner does not generate during training: --pairs given (a clean
+# worked solution vs a corrupted one, written by the data generator) or --pairs self (the init's own samples,
+# verified, drawn once before the first update). Role: policy reshaping.
+# A batch keeps chosen and rejected as SEPARATE right-padded tensors, each (B, T) with a mask (B, T) that is
+# 1 on the completion's tokens (EOS included), never one tensor half chosen.
+# Differs from the papers:
+#   1. dpo: the reference's log-probs are computed once, at setup, by a frozen copy of the init that is then
+#      freed, not by a second model held through training: the same numbers, one model in memory (TRL's
+#      precompute_ref_log_probs).
+#   2. Preferences come from the task's verifier, not from human labellers: chosen is always correct,
+#      rejected always wrong. --pairs self is the paper's "sample from the SFT model, then label" recipe with
+#      the verifier as labeller (one round, like RSO or the first iteration of iterative DPO).
+#   3. dpo: IPO and hinge use summed log-probs like DPO (the IPO authors average per token); SimPO averages,
+#      as its paper does, counting EOS as a completion token.
+#   4. dpo: no SFT-on-chosen warm start inside the stage: the init (by default the sft stage's output) is it.
+#   5. dpo --rpo-alpha adds alpha * (the chosen completion's mean per-token NLL) to each pair's loss, as RPO
+#      (Pang et al. 2024, arXiv 2404.19733, eq. 3) does for reasoning chains: plain DPO may lower the
+#      likelihood of the chosen solutions too, as long as the rejected fall faster.
+#   6. rm: InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; here a pair is a
+#      row. The unused LM head stays in the checkpoint, so the folder still loads as a plain Llama model. No
+#      reward normalisation (InstructGPT shifts the reward so that demonstrations score 0 on average).
 
 
 def setup_dpo(args, policy, tok):
@@ -685,8 +759,108 @@ def setup_dpo(args, policy, tok):
     return ctx
 
 
+def setup_pairs(args, policy, tok):
+    """Training pairs (--pairs given or self) and held-out pairs, tokenised; dpo and rm share this."""
+    if args.pairs == "self":
+        train = self_pairs(args, policy, tok)
+    else:
+        train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
+    if not train:
+        die("no preference pairs (--pairs self: no prompt got both a correct and a "
+                 "wrong sample; raise --pair-prompts or --group-size)")
+    return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
+            "order": Shuffler(len(train), args.seed)}
+
+
+def self_pairs(args, policy, tok):
+    """Pairs from the init policy's own samples: per prompt, a fully correct sample vs a wrong one.
+
+    --group-size samples for each of --pair-prompts prompts (training_prompts, a seeded draw), sampled once,
+    before any update. Chosen: the right answer AND every step right (the verifier's step labels). Samples
+    that reach the right answer through wrong steps are used for neither side: with outcome-only labels they
+    were 65% of the "correct" samples, and DPO on them halved pass@1 (51% -> 25%, 693 pairs, 100 steps).
+    Rejected: a wrong answer. A pair holds the sampled token ids themselves (up to and including EOS, or cut
+    at the length limit), not a re-encoding of their text: exactly what the policy generated.
+    """
+    rng = random.Random(args.seed)
+    pool = training_prompts(args)
+    prompts, G = rng.sample(pool, min(args.pair_prompts, len(pool))), args.group_size
+    correct, texts, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed)
+    n_ops = [len(task.parse_prompt(p).ops) for p in prompts]
+    pairs, n_clean = [], 0
+    for i, prompt in enumerate(prompts):
+        good, bad = [], []
+        for j in range(i * G, (i + 1) * G):  # solve keeps a prompt's G samples together
+            if not correct[i, j - i * G]:
+                bad.append(completions[j])
+            elif task.verify(prompt, texts[j]).step_labels == [1] * n_ops[i]:  # one right step per operation
+                good.append(completions[j])
+        n_clean += len(good)
+        if good and bad:  # a prompt the policy always (or never) solves gives no pair
+            pairs.append((prompt_ids(tok, prompt), rng.choice(good), rng.choice(bad)))
+    print(f"[pairs] self: {len(pairs)} pairs from {len(prompts)} prompts x {G} samples ({correct.sum()} "
+          f"samples correct, {n_clean} of them with every step right)")
+    return pairs
+
+
+def encode_pairs(tok, rows):
+    """Text pairs [{"prompt", "chosen", "rejected"}] -> [(prompt ids, chosen ids, rejected ids)], + EOS."""
+    return [(prompt_ids(tok, r["prompt"]), task.encode(tok, r["chosen"]) + [task.EOS],
+             task.encode(tok, r["rejected"]) + [task.EOS]) for r in rows]
+
+
+def heldout_pairs(args, tok):
+    """Held-out pairs on the --eval-split prompts: the clean worked solution vs a corrupted one."""
+    rows = heldout_problems(args)
+    rng = random.Random(0)  # the same held-out pairs in every run, whatever --seed
+    problems = [task.parse_prompt(r["prompt"]) for r in rows]
+    rows = [{"prompt": p.prompt, "chosen": task.solution(p), "rejected": task.corrupt(p, rng)}
+            for p in problems]
+    return encode_pairs(tok, rows)
+
+
+@torch.no_grad()
+def pair_logps(model, pairs, args):
+    """Summed completion log-probs of every pair's chosen and of its rejected completion: two (N,) tensors."""
+    chosen, rejected = [], []
+    for sl in chunks(len(pairs), args.micro_batch_size):
+        b = pair_batch({"pairs": pairs}, list(range(sl.start, sl.stop)), args.device)
+        chosen.append(sequence_logps(model, b["chosen_ids"], b["chosen_mask"], args).cpu())
+        rejected.append(sequence_logps(model, b["rejected_ids"], b["rejected_mask"], args).cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_batch(split, idx, device):
+    """Pairs idx of a split {"pairs", optional "ref_chosen_logps", "ref_rejected_logps"} -> row tensors."""
+    pairs = split["pairs"]
+    batch = {}
+    for side, k in (("chosen", 1), ("rejected", 2)):
+        batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], task.PAD)  # (B, T)
+        # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding (PITFALLS item 10)
+        batch[side + "_mask"] = pad_right([[0] * len(pairs[i][0]) + [1] * len(pairs[i][k]) for i in idx], 0)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in split:
+            batch[key] = split[key][idx]  # (B,)
+    batch["w"] = torch.ones(len(idx))  # one loss unit per pair: the loss is a mean over pairs
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sequence_logps(model, ids, mask, args):
+    """Summed completion log-probs (B,) of right-padded ids (B, T); mask (B, T) is 1 on completion tokens."""
+    with args.amp():
+        logits = model(ids)  # (B, T, V); right padding needs no attention mask (see lm_loss)
+    logps = token_logprobs(logits, ids)  # (B, T-1): column t is the log-prob of token t+1
+    # the mask shifts with the tokens: prompt and padding add exactly 0, to the policy and the reference alike
+    return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (B,)
+
+
 def pair_stage_batch(ctx, args, step):
     return pair_batch(ctx["train"], ctx["order"].take(args.batch_size), args.device), {}
+
+
+def dpo_stage_loss(ctx, args, mb):
+    losses, chosen_rewards, rejected_rewards = dpo_terms(ctx["policy"], args, mb)
+    return losses.mean(), pair_metrics(chosen_rewards, rejected_rewards)
 
 
 def dpo_terms(model, args, mb):
@@ -707,13 +881,38 @@ def dpo_terms(model, args, mb):
     return losses, chosen_rewards, rejected_rewards
 
 
-def dpo_stage_loss(ctx, args, mb):
-    losses, chosen_rewards, rejected_rewards = dpo_terms(ctx["policy"], args, mb)
-    return losses.mean(), pair_metrics(chosen_rewards, rejected_rewards)
-
-
 def dpo_evaluate(ctx, args):
     return heldout_pair_eval(ctx, args, dpo_terms)
+
+
+@torch.no_grad()
+def heldout_pair_eval(ctx, args, terms):
+    """Accuracy and margin on the held-out pairs; terms(model, args, batch) -> (losses, chosen, rejected)."""
+    split = ctx["heldout"]
+    chosen, rejected = [], []
+    # the same chunks as the reference log-probs at setup, so at init the margins are exactly 0 (accuracy 0.5)
+    for sl in chunks(len(split["pairs"]), args.micro_batch_size):
+        _, c, r = terms(ctx["policy"], args, pair_batch(split, list(range(sl.start, sl.stop)), args.device))
+        chosen.append(c)
+        rejected.append(r)
+    if not chosen:
+        return {}
+    m = pair_metrics(torch.cat(chosen), torch.cat(rejected))
+    return {"pair_acc": m["acc"], "pair_margin": m["margin"]}
+
+
+def pair_metrics(chosen, rejected):
+    """Preference accuracy (a tie counts half: equal rewards give 0.5), mean margin and rewards; (B,) each."""
+    acc = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()  # (B,)
+    return {"acc": acc.mean().item(), "margin": (chosen - rejected).mean().item(),
+            "reward_chosen": chosen.mean().item(), "reward_rejected": rejected.mean().item()}
+
+STAGES["dpo"] = Stage(
+    regime="off-policy", role="policy reshaping", init="sft",
+    holds="policy (reference log-probs precomputed at setup)",
+    setup=setup_dpo, make_batch=pair_stage_batch, loss=dpo_stage_loss, evaluate=dpo_evaluate,
+    defaults=dict(steps=100, lr=1e-4, batch_size=32, micro_batch_size=32, warmup=10, ppo_epochs=1,
+                  log_every=10))
 
 
 def setup_rm(args, policy, tok):
@@ -736,6 +935,11 @@ def setup_rm(args, policy, tok):
     return setup_pairs(args, policy, tok)
 
 
+def rm_loss(ctx, args, mb):
+    losses, chosen_scores, rejected_scores = rm_terms(ctx["policy"], args, mb)
+    return losses.mean(), pair_metrics(chosen_scores, rejected_scores)
+
+
 def rm_terms(model, args, mb):
     """Bradley-Terry losses (B,) and the scores of chosen and rejected (B,), detached, read at their EOS."""
     chosen = sequence_scores(model, mb["chosen_ids"], last_index(mb["chosen_mask"]), args)  # (B,)
@@ -743,38 +947,81 @@ def rm_terms(model, args, mb):
     return reward_model_loss(chosen, rejected), chosen.detach(), rejected.detach()
 
 
-def rm_loss(ctx, args, mb):
-    losses, chosen_scores, rejected_scores = rm_terms(ctx["policy"], args, mb)
-    return losses.mean(), pair_metrics(chosen_scores, rejected_scores)
+def last_index(mask):
+    """Index (B,) of the last 1 in each row of a 0/1 mask (B, T)."""
+    return (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # (B,)
+
+
+def sequence_scores(model, ids, last, args, attn_mask=None):
+    """A score-head model's scalar per sequence (B,): its score at position last (B,) of ids (B, T).
+
+    Convention (the rm stage, and whatever scores rollouts with a trained reward model): the score of a
+    completion is read at the LAST real token of [bos] + prompt + completion + [eos], its EOS, the one
+    position that has seen the whole completion. attn_mask (B, T) is needed only with left padding (rollouts).
+    """
+    with args.amp():
+        hidden = model(ids, attn_mask=attn_mask, return_hidden=True)  # (B, T, D)
+        scores = model.score(hidden).squeeze(-1).float()  # (B, T)
+    return scores.gather(1, last[:, None]).squeeze(1)  # (B,)
 
 
 def rm_evaluate(ctx, args):
     return heldout_pair_eval(ctx, args, rm_terms)
 
+STAGES["rm"] = Stage(
+    regime="off-policy", role="reward for policy reshaping", init="sft",
+    holds="reward model (policy body + score head)", score_head=True,
+    setup=setup_rm, make_batch=pair_stage_batch, loss=rm_loss, evaluate=rm_evaluate,
+    defaults=dict(steps=400, lr=3e-4, batch_size=32, micro_batch_size=32, warmup=20, ppo_epochs=1,
+                  log_every=50))
 
-# -----------------------------------------------------------------------------------------------------------
-# on-policy stages: grpo (and the pieces ppo and rft share with it)
+
+# ===========================================================================================================
+# rl: grpo and ppo -- on-policy RL on the learner's own rollouts, with a clipped ratio
 #
-# GRPO, Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, section 4.1):
-# for each prompt sample G completions from the current policy, score them (the verifier's outcome reward by
-# default), turn the rewards of each group into advantages (r - mean_group) / std_group, and take a few
-# clipped-ratio (PPO) steps on that batch; optionally penalise KL to the frozen initial policy.
-# Differs from the paper (each is a flag, defaults chosen by measurement on this task; see README):
+# grpo: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, Sec. 4.1, eq. 3):
+#   for each prompt sample G completions from the current policy, score them (the verifier's outcome reward by
+#   default), turn the rewards of each group into advantages (r - mean_group) / std_group, and take a few
+#   clipped-ratio (PPO) steps on that batch; optionally penalise KL to the frozen initial policy. --advantage
+#   rloo swaps in the leave-one-out baseline (RLOO, Ahmadian et al. 2024, arXiv 2402.14740).
+# Differs from the paper (each is a flag):
 #   1. No KL term by default (--kl-coef 0), as in DAPO and Dr. GRPO; the paper uses beta = 0.04 with k3 in
-#      the loss (--kl-coef 0.04 --kl-kind k3 --kl-in loss reproduces it).
+#      the loss (--kl-coef 0.04 --kl-in loss, k3 being the default there). The reference is held anyway, to
+#      log the KL to it (kl_ref): how far the policy has drifted from its init is the first thing to watch.
 #   2. token_mean aggregation (DAPO) by default, not the paper's per-sequence mean (--loss-agg
-#      seq_mean_token_mean), which weighs the tokens of short completions more (PITFALLS item 1).
-#   3. Dynamic sampling (DAPO) by default: groups whose rewards are all equal have zero advantage, so they
-#      are dropped instead of diluting the token mean; no re-sampling to refill the batch.
-#   4. Old log-probs come from a training-mode forward of the policy before the batch's first update, not
-#      from the sampler, so the first ratio is exactly 1 (the sampler's own log-probs are logged as a check).
+#      seq_mean_token_mean), which weighs the tokens of short completions more. An in-loss KL is aggregated
+#      exactly like the surrogate, inside the same 1/|o_i| sum, as in eq. 3.
+#   3. Dynamic sampling (DAPO) by default: groups whose outcome rewards are all equal have zero advantage, so
+#      they are dropped before any log-prob is computed; no re-sampling to refill the batch.
+#   4. Old log-probs come from a forward of the policy before the batch's first update, the same code and
+#      micro-batches as the update's, not from the sampler, so the first ratio is exactly 1 (the sampler's own
+#      log-probs are logged as a check, sampler_logp_gap).
 #   5. A completion cut off by --max-new-tokens scores 0 whatever its text says.
-# Measured on this task (2-core CPU, 0.74M-parameter model): lr 1e-4 barely moved the policy, 1e-3 collapsed
-# it within 5 steps; 2e-4 with 5 warmup steps and 2 passes per batch lifted held-out pass@1. With the SFT
-# model trained on the same 2..6-operand range as the test (sampled pass@1 ~72%), GRPO gave no lift: its
-# remaining failures were single arithmetic slips, and 16 prompts a step teach no arithmetic. GRPO therefore
-# trains on the longest chains (data/rl.jsonl: 5..6 operands) beyond SFT's 2..5, where the SFT model
-# solves ~36% of samples and failures are structural (losing track of a long chain).
+#   6. --kl-in reward takes k1 only: k1 is the one estimator whose policy gradient through the reward is that
+#      of KL(pi || ref) (see kl_penalty).
+#   7. Dr. GRPO (--loss-agg seq_mean_token_sum_norm --no-std-scaling) divides by --max-new-tokens, the
+#      generation budget, a constant; a long prompt that shortens the budget keeps the same divisor.
+#   8. With several minibatches per rollout batch (--minibatch-size), the first pass takes the rows in
+#      rollout order and later passes shuffle them (seeded).
+#
+# ppo: PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
+#   Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
+#   score on the last real token; A, returns = GAE(r, V_old) (gamma, lambda); A is whitened over the batch's
+#   valid tokens; the loss is the clipped surrogate + vf_coef * the clipped value loss.
+#   PPO, Schulman et al. 2017, arXiv 1707.06347 (eq. 7, 9); GAE, Schulman et al. 2015, arXiv 1506.02438;
+#   per-token KL reward, Ziegler et al. 2019, arXiv 1909.08593 and InstructGPT, arXiv 2203.02155, eq. 2;
+#   details as in Huang et al. 2024, arXiv 2403.17031 ("The N+ implementation details of RLHF with PPO").
+# Differs from the paper:
+#   1. The score is the task's verifier (0/1 outcome), or a learned RM / PRM with --reward; InstructGPT's is
+#      always a learned RM. With --reward prm the reward is dense: each step's PRM probability minus 0.5 on
+#      its end token (a step the PRM doubts costs, a step it trusts pays), instead of one score at the EOS.
+#   2. No pretraining-mix term (InstructGPT's PPO-ptx) and no adaptive KL controller (Ziegler): beta is fixed.
+#   3. The critic starts from the SFT policy with a zero score head (InstructGPT: from the reward model), and
+#      shares the policy's AdamW, learning rate and global gradient clip (OpenRLHF: a separate optimizer).
+#   4. --group-size samples per prompt only to spend the same rollouts per step as GRPO; GAE ignores groups.
+#   5. The KL is k1 always (other --kl-kind values are refused); log pi_old is the policy's forward before
+#      the update, not the sampler's, so that the first ratio is exactly 1.
+#   6. The value loss is aggregated with --loss-agg, like the policy loss (as verl does).
 
 
 def setup_grpo(args, policy, tok):
@@ -785,26 +1032,6 @@ def setup_grpo(args, policy, tok):
     ctx["ref"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
     setup_reward(ctx, args)  # --reward rm | prm: the frozen scorer that replaces the verifier
     return ctx
-
-
-@torch.no_grad()
-def chunked_logps(model, roll, args):
-    """Completion log-probs of a whole rollout batch, in micro-batch chunks (same chunks as the update)."""
-    out = [roll["completion_ids"][:0].float()]  # (0, N): a batch whose every group was dropped stays empty
-    for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size):
-        with args.amp():
-            out.append(rollout.completion_logps(model, roll["prompt_ids"][sl], roll["prompt_mask"][sl],
-                                                roll["completion_ids"][sl], roll["completion_mask"][sl],
-                                                temperature=args.temperature))
-    return torch.cat(out)  # (B, N)
-
-
-def sample_groups(ctx, args, model):
-    """Draw --batch-size prompts of ctx["prompts"] and sample --group-size completions of each with model (the
-    rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify."""
-    prompts = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size) for _ in range(args.group_size)]
-    texts, verdicts, roll = sample_and_verify(model, ctx["tok"], prompts, args, args.temperature, ctx["gen"])
-    return prompts, texts, verdicts, roll
 
 
 def grpo_batch(ctx, args, step):
@@ -860,14 +1087,6 @@ def grpo_batch(ctx, args, step):
     return roll, stats
 
 
-def completion_forward(model, mb, args):
-    """Training forward over [prompt; completion] -> completion log-probs (B, N) and logits (B, N, V), fp32,
-    of logits / temperature: rollout.completion_logps, the one log-prob path, under the stage's autocast."""
-    with args.amp():
-        return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                        mb["completion_mask"], temperature=args.temperature, return_logits=True)
-
-
 def grpo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
@@ -883,51 +1102,153 @@ def grpo_loss(ctx, args, mb):
     metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
     return loss, metrics
 
+STAGES["grpo"] = Stage(
+    regime="on-policy", role="policy reshaping", init="sft",
+    holds="policy, reference (for the logged KL; in the loss if --kl-coef > 0), RM / PRM (with --reward)",
+    setup=setup_grpo, make_batch=grpo_batch, loss=grpo_loss,
+    defaults=dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2, kl_coef=0.0,
+                  dynamic_sampling=True, log_every=5))
 
-# -----------------------------------------------------------------------------------------------------------
-# process supervision: --reward prm | rm for grpo and ppo, score heads read at chosen completion tokens
 
-STEP_END = task.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
+def setup_ppo(args, policy, tok):
+    # prompts, their order, the sampler's generator, the frozen reference, the --reward scorer
+    ctx = setup_grpo(args, policy, tok)
+    # The critic is a SEPARATE copy of the init weights with a zero-initialised score head (InstructGPT,
+    # OpenRLHF), not a value head on the policy's trunk. A shared trunk is cheaper, but then value and policy
+    # gradients pull on the same weights, and the value loss's scale (vf_coef) becomes a policy
+    # hyper-parameter; with a separate critic the two objectives only meet in the advantages. It trains in the
+    # loop's one optimizer via ctx["trainable"]; its LM head is never used, so it stays out.
+    critic = load_model(args.init_folder, args.device, score_head=True)
+    ctx["critic"] = critic
+    ctx["trainable"] = [p for n, p in critic.named_parameters() if not n.startswith("lm_head.")]
+    return ctx
 
 
-def completion_scores(model, mb, args, shift=False):
-    """Score head over [prompt; completion] -> one scalar per completion token, (B, N), fp32.
+def ppo_batch(ctx, args, step):
+    """PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
 
-    shift=False: the score AT token t, i.e. after reading it. Reward models and PRMs judge what they have
-                 read, so a step is scored at its own last token (PITFALLS item 7: the exception to the
-                 shift).
-    shift=True:  the score at the position BEFORE token t, i.e. of the state in which token t is chosen: the
-                 PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
+    Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
+    score on the last real token; A, returns = GAE(r, V_old) (gamma, lambda); A is whitened over the batch's
+    valid tokens; the loss is the clipped surrogate + vf_coef * the clipped value loss (ppo_loss).
+
+    Papers: PPO, Schulman et al. 2017, arXiv 1707.06347 (eq. 7, 9); GAE, Schulman et al. 2015, arXiv
+    1506.02438; per-token KL reward, Ziegler et al. 2019, arXiv 1909.08593 and InstructGPT, Ouyang et al.
+    2022, arXiv 2203.02155, eq. 2; details as in Huang et al. 2024, arXiv 2403.17031 ("The N+ implementation
+    details of RLHF with PPO").
+
+    Differs from the paper:
+        1. The score is the task's verifier (0/1 outcome), or a learned RM / PRM with --reward; InstructGPT's
+           is always a learned RM. With --reward prm the reward is dense: each step's PRM probability minus
+           0.5 on its end token (a step the PRM doubts costs, a step it trusts pays), instead of one score at
+           the EOS.
+        2. No pretraining-mix term (InstructGPT's PPO-ptx) and no adaptive KL controller (Ziegler): beta is
+           fixed.
+        3. The critic starts from the SFT policy with a zero score head (InstructGPT: from the reward model),
+           and shares the policy's AdamW, learning rate and global gradient clip (OpenRLHF: a separate
+           optimizer).
+        4. --group-size samples per prompt only to spend the same rollouts per step as GRPO; GAE ignores
+           groups.
+        5. The KL is k1 always (--kl-kind and --kl-in are GRPO's); log pi_old is the policy's training
+           forward, not the sampler's, so that the first ratio is exactly 1.
     """
-    P = mb["prompt_ids"].shape[1]
-    ids, attn = rollout.sequence(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                 mb["completion_mask"])  # (B, P+N) each
-    with args.amp():
-        hidden = model(ids, attn_mask=attn, return_hidden=True)  # (B, P+N, D)
-        scores = model.score(hidden).squeeze(-1).float()  # (B, P+N)
-    return scores[:, P - 1:-1] if shift else scores[:, P:]  # (B, N)
+    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
+    mask = roll["completion_mask"].float()  # (B, N)
+    score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
+    stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item()}
+    steps = None
+    if args.reward != "verifier":
+        score, steps = learned_rewards(ctx, args, roll, stats)  # (B,), prm: step rewards (B, S)
+    roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
+    roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
+    ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
+    kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1", mask=mask)  # (B, N) log pi_old - log pi_ref
+    stats["kl_ref"] = masked_mean(kl, mask).item()
+    if steps is None:
+        rewards = ppo_token_rewards(score, kl, mask, args.kl_coef)  # (B, N)
+    else:
+        rewards = ppo_token_rewards(torch.zeros_like(score), kl, mask, args.kl_coef)  # (B, N) the KL part
+        dense = (steps["rewards"] - 0.5) * steps["mask"]  # (B, S) a doubted step costs, a trusted one pays
+        rewards.scatter_add_(1, steps["ends"], dense)  # (B, N) each step's reward on its end token
+    adv, returns = gae(rewards, roll["old_values"], mask, gamma=args.gamma, lam=args.lam)  # (B, N) each
+    # Whiten over the valid tokens of the whole batch (before it is split into minibatches): the policy's step
+    # size then does not depend on the reward's scale. Biased variance, as OpenRLHF; padding stays 0.
+    roll["adv"] = (adv - masked_mean(adv, mask)) * torch.rsqrt(masked_var(adv, mask) + 1e-8) * mask  # (B, N)
+    roll["returns"], roll["rewards"] = returns, rewards  # rewards ride along for tests and inspection
+    # explained variance of the critic at rollout time: 1 = perfect values, 0 = no better than a constant
+    var_returns = masked_var(returns, mask).item()
+    residual = masked_var(returns - roll["old_values"], mask).item()
+    explained = 1 - residual / var_returns if var_returns else 0.0
+    stats.update(value=masked_mean(roll["old_values"], mask).item(), explained_var=explained,
+                 returns=masked_mean(returns, mask).item())
+    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(mask))
+    return roll, stats
 
 
-@torch.no_grad()
-def chunked_scores(model, roll, args, shift=False):
-    """completion_scores of a whole rollout batch, in micro-batch chunks."""
-    return torch.cat([completion_scores(model, {k: v[sl] for k, v in roll.items()}, args, shift)
-                      for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size)])  # (B, N)
+def ppo_token_rewards(score, kl, mask, kl_coef):
+    """Per-token reward of RLHF-PPO: -kl_coef * KL at every completion token, plus the sequence score on the
+    LAST REAL token (the EOS; PITFALLS item 5: never on the first pad). score (B,), kl and mask (B, N)."""
+    last = mask.sum(1).long() - 1  # (B,) index of the last real token (completions are contiguous from 0)
+    rewards = -kl_coef * kl * mask  # (B, N)
+    rewards[torch.arange(len(score), device=mask.device), last] += score.to(rewards.dtype)
+    return rewards  # (B, N)
 
 
-def step_positions(completion_ids, completion_mask):
-    """Index of the end token of every step of each completion: each ';', then the EOS that closes the answer.
+def masked_var(x, mask):
+    """Biased variance of x over the positions where mask is 1 (OpenRLHF's whitening uses the biased one)."""
+    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
-    The answer "#N" counts as the last step, so a PRM judges the answer too (Math-Shepherd's last step holds
-    the answer); a cut-off completion has no EOS, hence no answer step. Returns ends (B, S) long and
-    step_mask (B, S), padded with 0 on the right (S = most steps in the batch).
-    """
-    real = completion_mask.bool()  # (B, N)
-    is_end = real & ((completion_ids == STEP_END) | (completion_ids == task.EOS))  # (B, N)
-    rows = [torch.nonzero(row).squeeze(1).tolist() for row in is_end.cpu()]
-    ends = pad_right(rows + [[0]], 0)[:-1]  # (B, S); the dummy last row makes S >= 1
-    step_mask = pad_right([[1] * len(r) for r in rows] + [[0]], 0)[:-1]  # (B, S)
-    return ends.to(completion_ids.device), step_mask.to(completion_ids.device)
+
+def ppo_loss(ctx, args, mb):
+    mask = mb["completion_mask"].float()  # (B, N)
+    logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
+    loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
+                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
+                                norm_len=args.max_new_tokens)
+    values = completion_scores(ctx["critic"], mb, args, shift=True)  # (B, N), with gradient into the critic
+    # the value loss is aggregated like the policy loss (as verl does), so both weigh tokens alike and the
+    # accumulated gradient does not depend on the micro-batch size
+    v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip,
+                        loss_agg=args.loss_agg, norm_len=args.max_new_tokens)
+    metrics["value_loss"] = v_loss.detach()
+    metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
+    return loss + args.vf_coef * v_loss, metrics
+
+STAGES["ppo"] = Stage(
+    regime="on-policy", role="policy reshaping", init="sft",
+    holds="policy, critic (trained), reference (for the KL in the reward), RM / PRM (with --reward)",
+    setup=setup_ppo, make_batch=ppo_batch, loss=ppo_loss,
+    defaults=dict(steps=60, lr=1e-4, batch_size=16, micro_batch_size=64, warmup=0, ppo_epochs=2, kl_coef=0.05,
+                  log_every=5))
+
+
+# ===========================================================================================================
+# process: prm, and the learned rewards grpo and ppo can optimise (--reward prm | rm)
+#
+# prm: a process reward model, a score head trained to say, at each step's end token, whether the step is
+#   right: binary cross-entropy per step (Lightman et al. 2023, arXiv 2305.20050: per-step correctness;
+#   Math-Shepherd, Wang et al. 2023, arXiv 2312.08935: labels from rollouts, hard estimate = any of N reaches
+#   the answer, Sec. 3.2). Rows: --batch-size prompts x --group-size completions, fresh each step, sampled
+#   from the frozen init on rl.jsonl prompts (--prm-data samples: the PRM then knows the policy's own
+#   mistakes) or the noisy worked solutions of pretrain.jsonl (--prm-data pretrain). Labels (--prm-labels):
+#   the verifier's local step labels, or Math-Shepherd Monte-Carlo labels (can the init still reach the right
+#   answer from here? --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by
+#   the outcome.
+# --reward prm: process supervision (DeepSeekMath, arXiv 2402.03300, Sec. 4.1.3): the PRM's probability that
+#   each step is right, sigmoid(score) at the step's end token, becomes a step reward; grpo turns the step
+#   rewards into advantages with process_advantages. --reward rm: the Bradley-Terry score at the EOS replaces
+#   the verifier's 0/1.
+# Differs from the papers:
+#   1. A scalar score head with binary cross-entropy, not the LM predicting a label token.
+#   2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has human
+#      labels, Math-Shepherd's "still reaches the answer" labels are what --prm-labels mc estimates.
+#   3. Math-Shepherd's completer is a separately fine-tuned model with N = 8; ours is the init policy itself
+#      with --mc-rollouts (default 4), and only the hard estimate.
+#   4. The answer is a step of its own, labelled by the outcome, so a wrong final answer after right steps is
+#      still penalised; Math-Shepherd's last step holds the answer, DeepSeekMath's PRM scores steps only.
+#   5. Fresh completions every step (no fixed dataset, no epochs).
+#   6. Step reward = sigmoid(PRM logit), a probability in (0, 1); the paper does not say how the PRM's output
+#      becomes a number. The PRM stays frozen during RL; DeepSeekMath's iterative RL retrains it on the
+#      policy's new samples.
 
 
 def setup_reward(ctx, args):
@@ -995,174 +1316,22 @@ def learned_rewards(ctx, args, roll, stats):
     return seq_rewards, {"rewards": step_rewards, "ends": ends, "mask": step_mask}
 
 
-# -----------------------------------------------------------------------------------------------------------
-# on-policy: ppo
+STEP_END = task.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
 
 
-def setup_ppo(args, policy, tok):
-    # prompts, their order, the sampler's generator, the frozen reference, the --reward scorer
-    ctx = setup_grpo(args, policy, tok)
-    # The critic is a SEPARATE copy of the init weights with a zero-initialised score head (InstructGPT,
-    # OpenRLHF), not a value head on the policy's trunk. A shared trunk is cheaper, but then value and policy
-    # gradients pull on the same weights, and the value loss's scale (vf_coef) becomes a policy
-    # hyper-parameter; with a separate critic the two objectives only meet in the advantages. It trains in the
-    # loop's one optimizer via ctx["trainable"]; its LM head is never used, so it stays out.
-    critic = load_model(args.init_folder, args.device, score_head=True)
-    ctx["critic"] = critic
-    ctx["trainable"] = [p for n, p in critic.named_parameters() if not n.startswith("lm_head.")]
-    return ctx
+def step_positions(completion_ids, completion_mask):
+    """Index of the end token of every step of each completion: each ';', then the EOS that closes the answer.
 
-
-def masked_var(x, mask):
-    """Biased variance of x over the positions where mask is 1 (OpenRLHF's whitening uses the biased one)."""
-    return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
-
-
-def ppo_token_rewards(score, kl, mask, kl_coef):
-    """Per-token reward of RLHF-PPO: -kl_coef * KL at every completion token, plus the sequence score on the
-    LAST REAL token (the EOS; PITFALLS item 5: never on the first pad). score (B,), kl and mask (B, N)."""
-    last = mask.sum(1).long() - 1  # (B,) index of the last real token (completions are contiguous from 0)
-    rewards = -kl_coef * kl * mask  # (B, N)
-    rewards[torch.arange(len(score), device=mask.device), last] += score.to(rewards.dtype)
-    return rewards  # (B, N)
-
-
-def ppo_batch(ctx, args, step):
-    """PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
-
-    Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
-    score on the last real token; A, returns = GAE(r, V_old) (gamma, lambda); A is whitened over the batch's
-    valid tokens; the loss is the clipped surrogate + vf_coef * the clipped value loss (ppo_loss).
-
-    Papers: PPO, Schulman et al. 2017, arXiv 1707.06347 (eq. 7, 9); GAE, Schulman et al. 2015, arXiv
-    1506.02438; per-token KL reward, Ziegler et al. 2019, arXiv 1909.08593 and InstructGPT, Ouyang et al.
-    2022, arXiv 2203.02155, eq. 2; details as in Huang et al. 2024, arXiv 2403.17031 ("The N+ implementation
-    details of RLHF with PPO").
-
-    Differs from the paper:
-        1. The score is the task's verifier (0/1 outcome), or a learned RM / PRM with --reward; InstructGPT's
-           is always a learned RM. With --reward prm the reward is dense: each step's PRM probability minus
-           0.5 on its end token (a step the PRM doubts costs, a step it trusts pays), instead of one score at
-           the EOS.
-        2. No pretraining-mix term (InstructGPT's PPO-ptx) and no adaptive KL controller (Ziegler): beta is
-           fixed.
-        3. The critic starts from the SFT policy with a zero score head (InstructGPT: from the reward model),
-           and shares the policy's AdamW, learning rate and global gradient clip (OpenRLHF: a separate
-           optimizer).
-        4. --group-size samples per prompt only to spend the same rollouts per step as GRPO; GAE ignores
-           groups.
-        5. The KL is k1 always (--kl-kind and --kl-in are GRPO's); log pi_old is the policy's training
-           forward, not the sampler's, so that the first ratio is exactly 1.
+    The answer "#N" counts as the last step, so a PRM judges the answer too (Math-Shepherd's last step holds
+    the answer); a cut-off completion has no EOS, hence no answer step. Returns ends (B, S) long and
+    step_mask (B, S), padded with 0 on the right (S = most steps in the batch).
     """
-    prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
-    mask = roll["completion_mask"].float()  # (B, N)
-    score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
-    stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item()}
-    steps = None
-    if args.reward != "verifier":
-        score, steps = learned_rewards(ctx, args, roll, stats)  # (B,), prm: step rewards (B, S)
-    roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
-    roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
-    ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
-    kl = kl_penalty(roll["old_logps"], ref_logps, kind="k1", mask=mask)  # (B, N) log pi_old - log pi_ref
-    stats["kl_ref"] = masked_mean(kl, mask).item()
-    if steps is None:
-        rewards = ppo_token_rewards(score, kl, mask, args.kl_coef)  # (B, N)
-    else:
-        rewards = ppo_token_rewards(torch.zeros_like(score), kl, mask, args.kl_coef)  # (B, N) the KL part
-        dense = (steps["rewards"] - 0.5) * steps["mask"]  # (B, S) a doubted step costs, a trusted one pays
-        rewards.scatter_add_(1, steps["ends"], dense)  # (B, N) each step's reward on its end token
-    adv, returns = gae(rewards, roll["old_values"], mask, gamma=args.gamma, lam=args.lam)  # (B, N) each
-    # Whiten over the valid tokens of the whole batch (before it is split into minibatches): the policy's step
-    # size then does not depend on the reward's scale. Biased variance, as OpenRLHF; padding stays 0.
-    roll["adv"] = (adv - masked_mean(adv, mask)) * torch.rsqrt(masked_var(adv, mask) + 1e-8) * mask  # (B, N)
-    roll["returns"], roll["rewards"] = returns, rewards  # rewards ride along for tests and inspection
-    # explained variance of the critic at rollout time: 1 = perfect values, 0 = no better than a constant
-    var_returns = masked_var(returns, mask).item()
-    residual = masked_var(returns - roll["old_values"], mask).item()
-    explained = 1 - residual / var_returns if var_returns else 0.0
-    stats.update(value=masked_mean(roll["old_values"], mask).item(), explained_var=explained,
-                 returns=masked_mean(returns, mask).item())
-    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(mask))
-    return roll, stats
-
-
-def ppo_loss(ctx, args, mb):
-    mask = mb["completion_mask"].float()  # (B, N)
-    logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
-    loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
-                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
-                                norm_len=args.max_new_tokens)
-    values = completion_scores(ctx["critic"], mb, args, shift=True)  # (B, N), with gradient into the critic
-    # the value loss is aggregated like the policy loss (as verl does), so both weigh tokens alike and the
-    # accumulated gradient does not depend on the micro-batch size
-    v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip,
-                        loss_agg=args.loss_agg, norm_len=args.max_new_tokens)
-    metrics["value_loss"] = v_loss.detach()
-    metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
-    return loss + args.vf_coef * v_loss, metrics
-
-
-# -----------------------------------------------------------------------------------------------------------
-# on-policy: rft
-
-
-def setup_rft(args, policy, tok):
-    # not setup_grpo: RFT needs neither a reference nor a --reward scorer, only prompts and a generator
-    return {**prompt_source(rl_prompts(args), args), "round": 0,
-            "steps_per_round": math.ceil(args.steps / args.rounds)}
-
-
-def rft_keep(prompts, texts, verdicts):
-    """The (prompt, completion) pairs worth imitating: verified correct (sample_groups already counts a
-    completion cut off before EOS as wrong), each distinct pair once, in order of first appearance."""
-    return list(dict.fromkeys((p, t) for p, t, v in zip(prompts, texts, verdicts) if v.correct))
-
-
-def rft_batch(ctx, args, step):
-    """Rejection-sampling fine-tuning: sample from the policy, keep what the verifier accepts, SFT on it.
-
-    Every steps / rounds steps a round begins: --round-prompts prompts, --group-size samples each from the
-    current policy; the verified-correct ones (deduplicated) replace the SFT set, and the steps until the next
-    round are plain SFT batches of it (lm_loss: the prompt is masked). A round that keeps nothing gives empty
-    batches.
-
-    Papers: STaR, Zelikman et al. 2022, arXiv 2203.14465 (iterate: sample, keep correct, fine-tune);
-    RFT, Yuan et al. 2023, arXiv 2308.01825 (k samples per problem, distinct correct paths); also called
-    expert iteration (Anthony et al. 2017) or ReST-EM (Singh et al. 2023, arXiv 2312.06585).
-
-    Differs from the paper:
-        1. Fine-tuning continues from the current weights, and each round's set replaces the previous one
-           (STaR and ReST-EM restart from the base model each iteration; RFT samples once, from the SFT
-           model).
-        2. Distinct by exact string (RFT compares the list of equations; here they are the same thing).
-        3. No rationalisation (STaR's retry with the answer as a hint for problems it failed).
-        4. A fixed number of steps per round instead of training each round to convergence.
-    """
-    tok, stats = ctx["tok"], {}
-    if step % ctx["steps_per_round"] == 0:
-        prompts, texts, verdicts = [], [], []
-        # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
-        for _ in range(math.ceil(args.round_prompts / args.batch_size)):
-            p, t, v, _ = sample_groups(ctx, args, ctx["policy"])
-            prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
-        kept = rft_keep(prompts, texts, verdicts)
-        seqs = [prompt_ids(tok, p) + task.encode(tok, c) + [task.EOS] for p, c in kept]
-        ctx["data"] = {"seqs": seqs, "n_prompt": [len(prompt_ids(tok, p)) for p, _ in kept],
-                       "order": Shuffler(len(seqs), args.seed + step)}
-        ctx["round"] += 1
-        ctx["round_stats"] = {"round": ctx["round"], "kept_distinct": len(kept),
-                              "kept_frac": sum(v.correct for v in verdicts) / len(verdicts),
-                              "prompts_solved": len({p for p, _ in kept}) * args.group_size / len(prompts)}
-    stats.update(ctx["round_stats"])
-    if not ctx["data"]["seqs"]:
-        empty = torch.zeros(0, 1, dtype=torch.long)
-        return {"ids": empty, "labels": empty, "w": torch.zeros(0)}, stats  # the loop skips an empty batch
-    return lm_batch(ctx["data"], args, step), stats
-
-
-# -----------------------------------------------------------------------------------------------------------
-# process supervision: prm
+    real = completion_mask.bool()  # (B, N)
+    is_end = real & ((completion_ids == STEP_END) | (completion_ids == task.EOS))  # (B, N)
+    rows = [torch.nonzero(row).squeeze(1).tolist() for row in is_end.cpu()]
+    ends = pad_right(rows + [[0]], 0)[:-1]  # (B, S); the dummy last row makes S >= 1
+    step_mask = pad_right([[1] * len(r) for r in rows] + [[0]], 0)[:-1]  # (B, S)
+    return ends.to(completion_ids.device), step_mask.to(completion_ids.device)
 
 
 def setup_prm(args, policy, tok):
@@ -1198,15 +1367,50 @@ def setup_prm(args, policy, tok):
     return ctx
 
 
-def completion_rows(tok, prompts, completions, device):
-    """Prompts (text) and completions (token ids, with their EOS if finished) -> the rollout tensors that
-    sample_groups() returns: left-padded prompts, right-padded completions, masks."""
-    prompt_ids_, prompt_mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts], task.PAD)  # (B, P) x2
-    roll = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask,
-            "completion_ids": pad_right(completions, task.PAD),  # (B, N)
-            "completion_mask": pad_right([[1] * len(c) for c in completions], 0),  # (B, N)
-            "finished": torch.tensor([task.EOS in c for c in completions])}  # (B,)
-    return {k: v.to(device) for k, v in roll.items()}
+def prm_batch(ctx, args, step):
+    """Process reward model: a score head trained to say, at each step's end token, whether the step is right.
+
+    Rows: --batch-size prompts x --group-size completions, fresh each step, sampled from the frozen init
+    policy on rl.jsonl prompts (--prm-data samples; the PRM then knows the policy's own mistakes), or the
+    noisy worked solutions of pretrain.jsonl (--prm-data pretrain: cheap, and every label is clean). Labels
+    (--prm-labels): the verifier's local step labels (is this step right given what is written before it?), or
+    Math-Shepherd Monte-Carlo labels (can the init policy still reach the right answer from here?
+    --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by the outcome. Loss:
+    prm_loss (BCE per step).
+
+    Papers: Lightman et al. 2023, arXiv 2305.20050 (PRM800K: per-step correctness); Math-Shepherd, Wang et al.
+    2023, arXiv 2312.08935 (labels from rollouts: hard estimate = any of N reaches the answer, Sec. 3.2).
+
+    Differs from the paper:
+        1. A scalar score head with binary cross-entropy, not the LM predicting a label token (see
+           losses/prm.py).
+        2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has
+           human labels, Math-Shepherd's "still reaches the answer" labels are what --prm-labels mc estimates.
+        3. Math-Shepherd's completer is a separately fine-tuned model with N = 8; ours is the init policy
+           itself with --mc-rollouts (default 4), and only the hard estimate.
+        4. The answer is a separate step labelled by the outcome; Math-Shepherd's last step holds the answer.
+        5. Fresh completions every step (no fixed dataset, no epochs).
+    """
+    tok = ctx["tok"]
+    if args.prm_data == "pretrain":
+        rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
+        prompts, texts = [p for p, _ in rows], [t for _, t in rows]
+        verdicts = [task.verify(p, t) for p, t in rows]
+        roll = completion_rows(tok, prompts, [task.encode(tok, t) + [task.EOS] for t in texts], args.device)
+    else:
+        # the frozen init writes the completions, not the PRM in training
+        prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["sampler"])
+    if args.prm_labels == "mc":
+        labels = mc_step_labels(prompts, texts, verdicts, lambda p, c: sample_continuations(ctx, args, p, c),
+                                args.mc_rollouts)
+    else:
+        labels = [v.step_labels for v in verdicts]
+    batch = prm_rows(roll, verdicts, labels)
+    step_mask = batch["step_mask"].float()  # (B, S)
+    stats = {"outcome": sum(v.correct for v in verdicts) / len(verdicts),
+             "steps": step_mask.sum(1).mean().item(),
+             "label_base_rate": masked_mean(batch["step_labels"], step_mask).item()}
+    return batch, stats
 
 
 def prm_rows(roll, verdicts, labels):
@@ -1262,52 +1466,6 @@ def mc_step_labels(prompts, texts, verdicts, complete, n):
     return labels
 
 
-def prm_batch(ctx, args, step):
-    """Process reward model: a score head trained to say, at each step's end token, whether the step is right.
-
-    Rows: --batch-size prompts x --group-size completions, fresh each step, sampled from the frozen init
-    policy on rl.jsonl prompts (--prm-data samples; the PRM then knows the policy's own mistakes), or the
-    noisy worked solutions of pretrain.jsonl (--prm-data pretrain: cheap, and every label is clean). Labels
-    (--prm-labels): the verifier's local step labels (is this step right given what is written before it?), or
-    Math-Shepherd Monte-Carlo labels (can the init policy still reach the right answer from here?
-    --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by the outcome. Loss:
-    prm_loss (BCE per step).
-
-    Papers: Lightman et al. 2023, arXiv 2305.20050 (PRM800K: per-step correctness); Math-Shepherd, Wang et al.
-    2023, arXiv 2312.08935 (labels from rollouts: hard estimate = any of N reaches the answer, Sec. 3.2).
-
-    Differs from the paper:
-        1. A scalar score head with binary cross-entropy, not the LM predicting a label token (see
-           losses/prm.py).
-        2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has
-           human labels, Math-Shepherd's "still reaches the answer" labels are what --prm-labels mc estimates.
-        3. Math-Shepherd's completer is a separately fine-tuned model with N = 8; ours is the init policy
-           itself with --mc-rollouts (default 4), and only the hard estimate.
-        4. The answer is a separate step labelled by the outcome; Math-Shepherd's last step holds the answer.
-        5. Fresh completions every step (no fixed dataset, no epochs).
-    """
-    tok = ctx["tok"]
-    if args.prm_data == "pretrain":
-        rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
-        prompts, texts = [p for p, _ in rows], [t for _, t in rows]
-        verdicts = [task.verify(p, t) for p, t in rows]
-        roll = completion_rows(tok, prompts, [task.encode(tok, t) + [task.EOS] for t in texts], args.device)
-    else:
-        # the frozen init writes the completions, not the PRM in training
-        prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["sampler"])
-    if args.prm_labels == "mc":
-        labels = mc_step_labels(prompts, texts, verdicts, lambda p, c: sample_continuations(ctx, args, p, c),
-                                args.mc_rollouts)
-    else:
-        labels = [v.step_labels for v in verdicts]
-    batch = prm_rows(roll, verdicts, labels)
-    step_mask = batch["step_mask"].float()  # (B, S)
-    stats = {"outcome": sum(v.correct for v in verdicts) / len(verdicts),
-             "steps": step_mask.sum(1).mean().item(),
-             "label_base_rate": masked_mean(batch["step_labels"], step_mask).item()}
-    return batch, stats
-
-
 def prm_loss_fn(ctx, args, mb):
     scores = completion_scores(ctx["policy"], mb, args)  # (B, N): no shift, a step is judged at its end token
     step_logits = scores.gather(1, mb["step_ends"])  # (B, S)
@@ -1340,13 +1498,36 @@ def prm_evaluate(ctx, args):
     return {"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
             "prm_step_base_rate": label[step].float().mean().item(), "prm_answer_acc": acc(answer)}
 
+STAGES["prm"] = Stage(
+    regime="off-policy (samples of the frozen init)", role="reward for policy reshaping (process)", init="sft",
+    holds="PRM (policy body + score head), frozen init policy", score_head=True,
+    setup=setup_prm, make_batch=prm_batch, loss=prm_loss_fn, evaluate=prm_evaluate,
+    defaults=dict(steps=300, lr=3e-4, batch_size=16, micro_batch_size=64, warmup=10, ppo_epochs=1,
+                  log_every=25))
 
-# -----------------------------------------------------------------------------------------------------------
-# consolidation: distill
+
+# ===========================================================================================================
+# distill: consolidation -- a smaller student learns a trained teacher's next-token distributions
 #
-# A smaller student learns a trained teacher's next-token distributions. The student starts from its own
-# small pretrain: the STAGES row "pretrain-small" runs the pretrain stage's code with a smaller default model
-# (2 layers, width 64, instead of 4 and 128) into OUT_DIR/pretrain-small, built on demand like any other init.
+# --distill-mode picks who writes the sequences and the divergence taken at each of their completion tokens:
+#   forward   teacher samples, KL(teacher || student): sequence-level KD (Kim & Rush 2016, arXiv 1606.07947)
+#             with Hinton et al.'s soft targets (arXiv 1503.02531) at every token. Off-policy.
+#   reverse   teacher samples, KL(student || teacher). Off-policy.
+#   jsd       teacher samples, the generalized JSD(--jsd-beta) of GKD (Agarwal et al. 2023, arXiv 2306.13649,
+#             eq. 1). Off-policy.
+#   onpolicy  the student's own samples, scored by the teacher with JSD(--jsd-beta): GKD with lambda = 1,
+#             on-policy distillation (--jsd-beta 1: per-token reverse KL, MiniLLM's objective token-wise).
+# The student starts from its own small pretrain: the row "pretrain-small" runs the pretrain stage's code with
+# a smaller default model (2 layers, width 64, instead of 4 and 128), built on demand like any other init.
+# Loss at initialisation, were the student the teacher: exactly 0 in every mode.
+# Differs from the papers:
+#   1. Sequences are sampled afresh every step at --temperature (one for each of --batch-size prompts), not
+#      decoded once into a fixed corpus (Kim & Rush decode once, with beam search). --temperature 0 samples
+#      them greedily and scores them with temperature-1 log-probs.
+#   2. GKD mixes student and fixed-data sequences with probability lambda per batch; a run here is all teacher
+#      samples or all student samples.
+#   3. The student starts from its own small pretrain, not from a supervised fine-tuned student as in GKD.
+#   4. No temperature on the loss and no hard-label term (tau = 1, hence no tau^2 factor).
 
 
 def setup_distill(args, policy, tok):
@@ -1423,151 +1604,26 @@ def distill_evaluate(ctx, args):
                                    student_params=float(ctx["policy"].num_params()))
     return dict(ctx["teacher_eval"])
 
+STAGES["pretrain-small"] = dataclasses.replace(
+    STAGES["pretrain"], role="support (the student's base model)",
+    defaults={**STAGES["pretrain"].defaults, "steps": 1200, "n_layer": 2, "n_embd": 64})
+STAGES["distill"] = Stage(
+    regime="off-policy (teacher samples) or on-policy (--distill-mode onpolicy)", role="consolidation",
+    init="pretrain-small", holds="student, frozen teacher", pipeline_input="teacher",
+    setup=setup_distill, make_batch=distill_batch, loss=distill_loss, evaluate=distill_evaluate,
+    defaults=dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=10, ppo_epochs=1,
+                  log_every=20))
 
-# -----------------------------------------------------------------------------------------------------------
-# eval stage and pipelines
+
+# ===========================================================================================================
+# eval: measurement -- pass@k, problems gained and lost, KL to the base, entropy
 #
-# The eval stage trains nothing, so it is a STAGES row with a `run` in place of setup / make_batch / loss:
-# main() calls run_eval where a training stage goes through train_stage. After a pipeline of several training
-# stages, main() runs the same evaluation over every stage's output (eval_pipeline).
+# The eval stage trains nothing, so its row has a `run` in place of setup / make_batch / loss: main() calls
+# run_eval where a training stage goes through train_stage. After a pipeline of several training stages,
+# main() runs the same evaluation over every stage's output (eval_pipeline).
+
 
 EVAL_SPLITS = ("test", "test_ood")  # held out: the training distribution, and chains longer than any trained
-
-
-def pass_at_k(n, c, k):
-    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, arXiv 2107.03374).
-
-    pass@k = 1 - C(n - c, k) / C(n, k): the chance that k of the n samples, drawn without replacement,
-    include a correct one. Computed as the numerically stable product of the paper's Figure 3,
-    1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the huge binomials. It is 1 when n - c < k (every
-    k-subset holds a correct sample) and 0 when c = 0.
-    """
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def support_change(before, after):
-    """Problems gained (solved by `after` at least once, never by `before`), lost (the reverse), kept (both).
-
-    before, after: (P,) bool, whether each problem was solved at least once in n samples.
-    """
-    return {"gained": int((after & ~before).sum()), "lost": int((before & ~after).sum()),
-            "kept": int((before & after).sum())}
-
-
-def kl_estimate(p_seq_logps, q_seq_logps):
-    """Monte-Carlo KL(p || q) and its standard error from B sequences sampled from p.
-
-    KL(p || q) = E_{y ~ p}[log p(y) - log q(y)], estimated by the mean over the samples of the per-sequence
-    log-ratio, each the sum of the per-token log-ratios over the completion. p_seq_logps, q_seq_logps: (B,)
-    summed log-probs of the same samples. An estimate: it can come out slightly negative for p and q close.
-    """
-    log_ratio = p_seq_logps - q_seq_logps  # (B,)
-    se = log_ratio.std().item() / math.sqrt(len(log_ratio)) if len(log_ratio) > 1 else 0.0
-    return log_ratio.mean().item(), se
-
-
-@torch.no_grad()
-def score_samples(model, tok, prompts, completions, args, batch_rows=256):
-    """Summed log-probs (B,), summed token entropies (B,) and token counts (B,) of given completions (B
-    token-id lists, one per prompt) under model, of logits / args.temperature (the eval sets it to 1)."""
-    seq_logps, entropy, n_tokens = [], [], []
-    for i in range(0, len(prompts), batch_rows):
-        chunk = completions[i:i + batch_rows]
-        ids, mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts[i:i + batch_rows]], task.PAD,
-                                     args.device)  # (b, P) left padded, as the sampler had them
-        mb = {"prompt_ids": ids, "prompt_mask": mask,
-              "completion_ids": pad_right(chunk, task.PAD).to(args.device),  # (b, N)
-              "completion_mask": pad_right([[1] * len(c) for c in chunk], 0).to(args.device)}  # (b, N)
-        logps, logits = completion_forward(model, mb, args)  # (b, N), (b, N, V)
-        real = mb["completion_mask"] == 1  # (b, N)
-        seq_logps.append(logps.masked_fill(~real, 0.0).sum(1).cpu())
-        entropy.append(entropy_from_logits(logits).masked_fill(~real, 0.0).sum(1).cpu())
-        n_tokens.append(real.sum(1).cpu())
-    return torch.cat(seq_logps), torch.cat(entropy), torch.cat(n_tokens)
-
-
-def eval_split(model, tok, problems, args):
-    """One model on one split: greedy, n samples per problem, pass@k, token entropy on its own samples.
-
-    Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
-    """
-    prompts, n = [r["prompt"] for r in problems], args.eval_n
-    greedy = solve(model, tok, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
-    # every model samples with the same seed (common random numbers): differences between models then reflect
-    # the models more than the luck of the draw
-    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
-    rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
-    seq_logps, entropy, n_tokens = score_samples(model, tok, rows, completions, args)  # 3 x (P * n,)
-    counts = correct.sum(1).tolist()  # per problem: correct samples out of n
-    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})  # 1, 2, 4, ..., n
-    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
-    out["greedy"] = greedy.float().mean().item()
-    out["entropy"] = entropy.sum().item() / max(1, n_tokens.sum().item())  # mean over all sampled tokens
-    out.update(counts=counts, greedy_correct=greedy[:, 0].int().tolist())
-    return out, {"prompts": rows, "completions": completions, "seq_logps": seq_logps}
-
-
-def eval_checkpoints(args, folders, base):
-    """The base, then each folder in order, on EVAL_SPLITS, one model in memory at a time -> a JSON dict."""
-    tok = task.load_tokenizer()
-    problems = {s: heldout_problems(args, s) for s in EVAL_SPLITS}
-    results, base_samples = [], {}
-    for folder in [base] + [f for f in folders if f != base]:
-        t0 = time.time()
-        model = load_model(folder, args.device, score_head=False).eval()
-        name = os.path.basename(os.path.normpath(folder))
-        rec = {"name": name, "path": folder, "params": model.num_params()}
-        for split, rows in problems.items():
-            out, samples = eval_split(model, tok, rows, args)
-            if not results:  # this is the base: keep its samples, KL from it is measured on them
-                base_samples[split] = samples
-            ref = base_samples[split]
-            if results:
-                # KL(base || model): the model's log-probs of what the base wrote, against the base's own
-                model_lp = score_samples(model, tok, ref["prompts"], ref["completions"], args)[0]  # (P * n,)
-            else:
-                model_lp = samples["seq_logps"]  # the base against itself: the same numbers, KL exactly 0
-            out["kl_base"], out["kl_base_se"] = kl_estimate(ref["seq_logps"], model_lp)
-            solved = torch.tensor(out["counts"]) > 0  # (P,) solved at least once in n samples
-            base_solved = torch.tensor(results[0][split]["counts"] if results else out["counts"]) > 0
-            prev_solved = torch.tensor(results[-1][split]["counts"] if results else out["counts"]) > 0
-            out["vs_base"] = support_change(base_solved, solved)
-            out["vs_prev"] = support_change(prev_solved, solved)
-            rec[split] = out
-        rec["seconds"] = time.time() - t0
-        print(f"[eval] {rec['name']}: {rec['seconds']:.0f}s", flush=True)
-        results.append(rec)
-        del model
-    return {"base": results[0]["path"], "n": args.eval_n,
-            "problems": {s: len(r) for s, r in problems.items()}, "checkpoints": results}
-
-
-def print_eval_table(res):
-    for split in EVAL_SPLITS:
-        rows = res["checkpoints"]
-        ks = [key for key in rows[0][split] if key.startswith("pass@")]
-        print(f"[eval] {split}: {res['problems'][split]} problems, n={res['n']} samples each at T=1 "
-              f"(unbiased pass@k) and greedy; +gained/-lost/=kept: problems solved at least once vs never")
-        print(f"{'checkpoint':<20}{'params':>7}" + "".join(f"{k:>9}" for k in ks)
-              + f"{'greedy':>8}{'vs base +/-/=':>16}{'vs prev +/-':>13}{'KL(base||ckpt)':>17}{'entropy':>9}")
-        for i, r in enumerate(rows):
-            o, vb, vp = r[split], r[split]["vs_base"], r[split]["vs_prev"]
-            name = r["name"] + (" (base)" if i == 0 else "")
-            cells = [f"{name:<20}{r['params'] / 1e6:6.2f}M", *(f"{100 * o[k]:8.1f}%" for k in ks),
-                     f"{100 * o['greedy']:7.1f}%", f"+{vb['gained']}/-{vb['lost']}/={vb['kept']}".rjust(16),
-                     f"+{vp['gained']}/-{vp['lost']}".rjust(13),
-                     f"{o['kl_base']:.2f} ±{o['kl_base_se']:.2f}".rjust(17), f"{o['entropy']:9.3f}"]
-            print("".join(cells))
-
-
-def is_scorer(folder):
-    """Whether a checkpoint folder holds a scorer (reward or value model) rather than a generator."""
-    with open(os.path.join(folder, "config.json")) as f:
-        return json.load(f).get("score_head", False)
 
 
 def run_eval(user_args, name):
@@ -1614,6 +1670,142 @@ def run_eval(user_args, name):
     return out
 
 
+def is_scorer(folder):
+    """Whether a checkpoint folder holds a scorer (reward or value model) rather than a generator."""
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f).get("score_head", False)
+
+
+def eval_checkpoints(args, folders, base):
+    """The base, then each folder in order, on EVAL_SPLITS, one model in memory at a time -> a JSON dict."""
+    tok = task.load_tokenizer()
+    problems = {s: heldout_problems(args, s) for s in EVAL_SPLITS}
+    results, base_samples = [], {}
+    for folder in [base] + [f for f in folders if f != base]:
+        t0 = time.time()
+        model = load_model(folder, args.device, score_head=False).eval()
+        name = os.path.basename(os.path.normpath(folder))
+        rec = {"name": name, "path": folder, "params": model.num_params()}
+        for split, rows in problems.items():
+            out, samples = eval_split(model, tok, rows, args)
+            if not results:  # this is the base: keep its samples, KL from it is measured on them
+                base_samples[split] = samples
+            ref = base_samples[split]
+            if results:
+                # KL(base || model): the model's log-probs of what the base wrote, against the base's own
+                model_lp = score_samples(model, tok, ref["prompts"], ref["completions"], args)[0]  # (P * n,)
+            else:
+                model_lp = samples["seq_logps"]  # the base against itself: the same numbers, KL exactly 0
+            out["kl_base"], out["kl_base_se"] = kl_estimate(ref["seq_logps"], model_lp)
+            solved = torch.tensor(out["counts"]) > 0  # (P,) solved at least once in n samples
+            base_solved = torch.tensor(results[0][split]["counts"] if results else out["counts"]) > 0
+            prev_solved = torch.tensor(results[-1][split]["counts"] if results else out["counts"]) > 0
+            out["vs_base"] = support_change(base_solved, solved)
+            out["vs_prev"] = support_change(prev_solved, solved)
+            rec[split] = out
+        rec["seconds"] = time.time() - t0
+        print(f"[eval] {rec['name']}: {rec['seconds']:.0f}s", flush=True)
+        results.append(rec)
+        del model
+    return {"base": results[0]["path"], "n": args.eval_n,
+            "problems": {s: len(r) for s, r in problems.items()}, "checkpoints": results}
+
+
+def eval_split(model, tok, problems, args):
+    """One model on one split: greedy, n samples per problem, pass@k, token entropy on its own samples.
+
+    Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
+    """
+    prompts, n = [r["prompt"] for r in problems], args.eval_n
+    greedy = solve(model, tok, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
+    # every model samples with the same seed (common random numbers): differences between models then reflect
+    # the models more than the luck of the draw
+    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
+    rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
+    seq_logps, entropy, n_tokens = score_samples(model, tok, rows, completions, args)  # 3 x (P * n,)
+    counts = correct.sum(1).tolist()  # per problem: correct samples out of n
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})  # 1, 2, 4, ..., n
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
+    out["greedy"] = greedy.float().mean().item()
+    out["entropy"] = entropy.sum().item() / max(1, n_tokens.sum().item())  # mean over all sampled tokens
+    out.update(counts=counts, greedy_correct=greedy[:, 0].int().tolist())
+    return out, {"prompts": rows, "completions": completions, "seq_logps": seq_logps}
+
+
+def pass_at_k(n, c, k):
+    """Unbiased estimate of pass@k from n samples of which c are correct (Chen et al. 2021, arXiv 2107.03374).
+
+    pass@k = 1 - C(n - c, k) / C(n, k): the chance that k of the n samples, drawn without replacement,
+    include a correct one. Computed as the numerically stable product of the paper's Figure 3,
+    1 - prod_{i = n-c+1}^{n} (1 - k / i), which never forms the huge binomials. It is 1 when n - c < k (every
+    k-subset holds a correct sample) and 0 when c = 0.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@torch.no_grad()
+def score_samples(model, tok, prompts, completions, args, batch_rows=256):
+    """Summed log-probs (B,), summed token entropies (B,) and token counts (B,) of given completions (B
+    token-id lists, one per prompt) under model, of logits / args.temperature (the eval sets it to 1)."""
+    seq_logps, entropy, n_tokens = [], [], []
+    for i in range(0, len(prompts), batch_rows):
+        chunk = completions[i:i + batch_rows]
+        ids, mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts[i:i + batch_rows]], task.PAD,
+                                     args.device)  # (b, P) left padded, as the sampler had them
+        mb = {"prompt_ids": ids, "prompt_mask": mask,
+              "completion_ids": pad_right(chunk, task.PAD).to(args.device),  # (b, N)
+              "completion_mask": pad_right([[1] * len(c) for c in chunk], 0).to(args.device)}  # (b, N)
+        logps, logits = completion_forward(model, mb, args)  # (b, N), (b, N, V)
+        real = mb["completion_mask"] == 1  # (b, N)
+        seq_logps.append(logps.masked_fill(~real, 0.0).sum(1).cpu())
+        entropy.append(entropy_from_logits(logits).masked_fill(~real, 0.0).sum(1).cpu())
+        n_tokens.append(real.sum(1).cpu())
+    return torch.cat(seq_logps), torch.cat(entropy), torch.cat(n_tokens)
+
+
+def kl_estimate(p_seq_logps, q_seq_logps):
+    """Monte-Carlo KL(p || q) and its standard error from B sequences sampled from p.
+
+    KL(p || q) = E_{y ~ p}[log p(y) - log q(y)], estimated by the mean over the samples of the per-sequence
+    log-ratio, each the sum of the per-token log-ratios over the completion. p_seq_logps, q_seq_logps: (B,)
+    summed log-probs of the same samples. An estimate: it can come out slightly negative for p and q close.
+    """
+    log_ratio = p_seq_logps - q_seq_logps  # (B,)
+    se = log_ratio.std().item() / math.sqrt(len(log_ratio)) if len(log_ratio) > 1 else 0.0
+    return log_ratio.mean().item(), se
+
+
+def support_change(before, after):
+    """Problems gained (solved by `after` at least once, never by `before`), lost (the reverse), kept (both).
+
+    before, after: (P,) bool, whether each problem was solved at least once in n samples.
+    """
+    return {"gained": int((after & ~before).sum()), "lost": int((before & ~after).sum()),
+            "kept": int((before & after).sum())}
+
+
+def print_eval_table(res):
+    for split in EVAL_SPLITS:
+        rows = res["checkpoints"]
+        ks = [key for key in rows[0][split] if key.startswith("pass@")]
+        print(f"[eval] {split}: {res['problems'][split]} problems, n={res['n']} samples each at T=1 "
+              f"(unbiased pass@k) and greedy; +gained/-lost/=kept: problems solved at least once vs never")
+        print(f"{'checkpoint':<20}{'params':>7}" + "".join(f"{k:>9}" for k in ks)
+              + f"{'greedy':>8}{'vs base +/-/=':>16}{'vs prev +/-':>13}{'KL(base||ckpt)':>17}{'entropy':>9}")
+        for i, r in enumerate(rows):
+            o, vb, vp = r[split], r[split]["vs_base"], r[split]["vs_prev"]
+            name = r["name"] + (" (base)" if i == 0 else "")
+            cells = [f"{name:<20}{r['params'] / 1e6:6.2f}M", *(f"{100 * o[k]:8.1f}%" for k in ks),
+                     f"{100 * o['greedy']:7.1f}%", f"+{vb['gained']}/-{vb['lost']}/={vb['kept']}".rjust(16),
+                     f"+{vp['gained']}/-{vp['lost']}".rjust(13),
+                     f"{o['kl_base']:.2f} ±{o['kl_base_se']:.2f}".rjust(17), f"{o['entropy']:9.3f}"]
+            print("".join(cells))
+
+
 def eval_pipeline(user_args, outputs):
     """After a multi-stage run: every stage's output, in order, against the first stage's init (for a
     pipeline that starts from scratch, its first output). "vs prev" compares each stage with the previous."""
@@ -1622,106 +1814,12 @@ def eval_pipeline(user_args, outputs):
     args = argparse.Namespace(**{**vars(user_args), "ckpt": list(outputs), "base": first_init or outputs[0]})
     return run_eval(args, "eval")
 
-
-# -----------------------------------------------------------------------------------------------------------
-# the table of stages
-
-
-@dataclass
-class Stage:
-    regime: str  # where trajectories come from: "off-policy" (given data) or "on-policy" (own rollouts)
-    role: str  # the survey's role: support expansion, policy reshaping, consolidation
-    init: str | None  # the stage whose output is this stage's default starting point (None: from scratch)
-    setup: Callable  # (args, policy, tok) -> ctx: data, and the frozen models the stage holds
-    make_batch: Callable  # (ctx, args, step) -> (dict of row tensors incl. "w", dict of logged stats)
-    loss: Callable  # (ctx, args, micro-batch) -> (scalar loss, dict of metrics)
-    holds: str  # the models the stage keeps in memory
-    defaults: dict = field(default_factory=dict)  # the stage's values for flags left unset
-    score_head: bool = False  # the trained model is a scalar scorer (reward model, PRM), not a generator
-    evaluate: Callable | None = None  # (ctx, args) -> dict: the stage's own held-out check (e.g. RM accuracy)
-    pipeline_input: str = "init"  # the flag a pipeline sets to the previous stage's output (distill: teacher)
-    run: Callable | None = None  # (user_args, name): a stage that trains nothing (eval) runs this, not the loop
+STAGES["eval"] = Stage(regime="none (trains nothing)", role="measurement", init=None,
+                       holds="one checkpoint at a time", run=run_eval)
 
 
-def lm_stage_batch(ctx, args, step):
-    return lm_batch(ctx, args, step), {}
-
-
-STAGES = {
-    "pretrain": Stage("off-policy", "support (base model)", None, setup_pretrain, lm_stage_batch, lm_loss,
-                      "policy", dict(steps=600, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100,
-                                     ppo_epochs=1, log_every=100, n_layer=4, n_embd=128)),
-    "sft": Stage("off-policy", "support expansion", "pretrain", setup_sft, lm_stage_batch, lm_loss,
-                 "policy", dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=20,
-                                ppo_epochs=1, log_every=50)),
-    "grpo": Stage("on-policy", "policy reshaping", "sft", setup_grpo, grpo_batch, grpo_loss,
-                  "policy, reference (for the logged KL; in the loss if --kl-coef > 0)",
-                  dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2,
-                       kl_coef=0.0, dynamic_sampling=True, log_every=5)),
-    "ppo": Stage("on-policy", "policy reshaping", "sft", setup_ppo, ppo_batch, ppo_loss,
-                 "policy, critic (trained), reference (for the KL in the reward), RM / PRM (with --reward)",
-                 dict(steps=60, lr=1e-4, batch_size=16, micro_batch_size=64, warmup=0, ppo_epochs=2,
-                      kl_coef=0.05, log_every=5)),
-    "rft": Stage("on-policy", "policy reshaping", "sft", setup_rft, rft_batch, lm_loss, "policy",
-                 dict(steps=60, lr=1e-4, batch_size=64, micro_batch_size=64, warmup=0, ppo_epochs=1,
-                      log_every=5)),
-    "prm": Stage("off-policy (samples of the frozen init)", "reward for policy reshaping (process)", "sft",
-                 setup_prm, prm_batch, prm_loss_fn, "PRM (policy body + score head), frozen init policy",
-                 dict(steps=300, lr=3e-4, batch_size=16, micro_batch_size=64, warmup=10, ppo_epochs=1,
-                      log_every=25), score_head=True, evaluate=prm_evaluate),
-    "dpo": Stage("off-policy", "policy reshaping", "sft", setup_dpo, pair_stage_batch, dpo_stage_loss,
-                 "policy (reference log-probs precomputed at setup)",
-                 dict(steps=100, lr=1e-4, batch_size=32, micro_batch_size=32, warmup=10, ppo_epochs=1,
-                      log_every=10), evaluate=dpo_evaluate),
-    "rm": Stage("off-policy", "reward for policy reshaping", "sft", setup_rm, pair_stage_batch, rm_loss,
-                "reward model (policy body + score head)",
-                dict(steps=400, lr=3e-4, batch_size=32, micro_batch_size=32, warmup=20, ppo_epochs=1,
-                     log_every=50), score_head=True, evaluate=rm_evaluate),
-    "pretrain-small": Stage("off-policy", "support (the student's base model)", None, setup_pretrain,
-                            lm_stage_batch, lm_loss, "policy",
-                            dict(steps=1200, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100,
-                                 ppo_epochs=1, log_every=100, n_layer=2, n_embd=64)),
-    "distill": Stage("off-policy (teacher samples) or on-policy (--distill-mode onpolicy)", "consolidation",
-                     "pretrain-small", setup_distill, distill_batch, distill_loss, "student, frozen teacher",
-                     dict(steps=200, lr=1e-3, batch_size=64, micro_batch_size=64, warmup=10, ppo_epochs=1,
-                          log_every=20), evaluate=distill_evaluate, pipeline_input="teacher"),
-    "eval": Stage("none (trains nothing)", "measurement", None, None, None, None,
-                  "one checkpoint at a time", run=run_eval),
-}
-
-
-# -----------------------------------------------------------------------------------------------------------
+# ===========================================================================================================
 # the one loop
-
-
-def accumulate_gradients(stage, ctx, args, batch, rows):
-    """Forward and backward over one minibatch (the batch rows `rows`, a (R,) index tensor) in micro-batches.
-
-    Each micro-batch's mean loss is weighted by its share of the minibatch's units (batch["w"]: tokens or
-    sequences per row, as the stage's loss averages), so the accumulated gradient is that of the mean over
-    the whole minibatch, not a mean of micro-batch means, and does not depend on --micro-batch-size.
-    Returns the micro-batches' logged metrics.
-    """
-    total_w = batch["w"][rows].sum().clamp(min=1)
-    metrics = []
-    for sl in chunks(len(rows), args.micro_batch_size):
-        micro = {k: v[rows[sl]] for k, v in batch.items()}
-        loss, m = stage.loss(ctx, args, micro)
-        (loss * micro["w"].sum() / total_w).backward()
-        metrics.append({"loss": loss.item(), **{k: float(v) for k, v in m.items()}})
-    return metrics
-
-
-def lr_at(step, args):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def fmt_time(s):
-    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def prepare(name, user_args):
@@ -1829,7 +1927,34 @@ def train_stage(user_args, name):
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------
+def accumulate_gradients(stage, ctx, args, batch, rows):
+    """Forward and backward over one minibatch (the batch rows `rows`, a (R,) index tensor) in micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the minibatch's units (batch["w"]: tokens or
+    sequences per row, as the stage's loss averages), so the accumulated gradient is that of the mean over
+    the whole minibatch, not a mean of micro-batch means, and does not depend on --micro-batch-size.
+    Returns the micro-batches' logged metrics.
+    """
+    total_w = batch["w"][rows].sum().clamp(min=1)
+    metrics = []
+    for sl in chunks(len(rows), args.micro_batch_size):
+        micro = {k: v[rows[sl]] for k, v in batch.items()}
+        loss, m = stage.loss(ctx, args, micro)
+        (loss * micro["w"].sum() / total_w).backward()
+        metrics.append({"loss": loss.item(), **{k: float(v) for k, v in m.items()}})
+    return metrics
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def main(argv=None):
