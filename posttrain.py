@@ -33,7 +33,7 @@ import torch
 import rollout
 from data import task
 from losses.advantages import gae, group_advantages, process_advantages, rloo_advantages
-from losses.common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
+from losses.common import IGNORE_INDEX, masked_mean, token_logprobs
 from losses.distill import generalized_jsd_loss, kl_distill_loss
 from losses.dpo import dpo_loss, reward_model_loss, simpo_loss
 from losses.policy import aggregate_loss, entropy_from_logits, kl_penalty, policy_loss, value_loss
@@ -487,7 +487,7 @@ def completion_scores(model, mb, args, shift=False):
     """Score head over [prompt; completion] -> one scalar per completion token, (B, N), fp32.
 
     shift=False: the score AT token t, i.e. after reading it. Reward models and PRMs judge what they have
-                 read, so a step is scored at its own last token (PITFALLS item 7: the exception to the
+                 read, so a step is scored at its own last token (the one exception to the
                  shift).
     shift=True:  the score at the position BEFORE token t, i.e. of the state in which token t is chosen: the
                  PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
@@ -634,25 +634,10 @@ def setup_rft(args, policy, tok):
 
 
 def rft_batch(ctx, args, step):
-    """Rejection-sampling fine-tuning: sample from the policy, keep what the verifier accepts, SFT on it.
-
-    Every steps / rounds steps a round begins: --round-prompts prompts, --group-size samples each from the
+    """Every steps / rounds steps a round begins: --round-prompts prompts, --group-size samples each from the
     current policy; the verified-correct ones (deduplicated) replace the SFT set, and the steps until the next
     round are plain SFT batches of it (lm_loss: the prompt is masked). A round that keeps nothing gives empty
-    batches.
-
-    Papers: STaR, Zelikman et al. 2022, arXiv 2203.14465 (iterate: sample, keep correct, fine-tune);
-    RFT, Yuan et al. 2023, arXiv 2308.01825 (k samples per problem, distinct correct paths); also called
-    expert iteration (Anthony et al. 2017) or ReST-EM (Singh et al. 2023, arXiv 2312.06585).
-
-    Differs from the paper:
-        1. Fine-tuning continues from the current weights, and each round's set replaces the previous one
-           (STaR and ReST-EM restart from the base model each iteration; RFT samples once, from the SFT
-           model).
-        2. Distinct by exact string (RFT compares the list of equations; here they are the same thing).
-        3. No rationalisation (STaR's retry with the answer as a hint for problems it failed).
-        4. A fixed number of steps per round instead of training each round to convergence.
-    """
+    batches, which the loop skips."""
     tok, stats = ctx["tok"], {}
     if step % ctx["steps_per_round"] == 0:
         prompts, texts, verdicts = [], [], []
@@ -721,32 +706,8 @@ STAGES["rft"] = Stage(
 
 
 def setup_dpo(args, policy, tok):
-    """Stage dpo: Direct Preference Optimization on preference pairs, and its IPO / hinge / SimPO variants.
-
-    Papers: DPO, Rafailov et al. 2023 (arXiv 2305.18290), eq. 7; cDPO (--label-smoothing); IPO (Azar et
-    al. 2023, arXiv 2310.12036); hinge (SLiC-HF / RSO); SimPO (Meng et al. 2024, arXiv 2405.14734); see
-    losses/dpo.py. Regime: off-policy, trajectories the learner does not generate during training: --pairs
-    given (a clean worked solution vs a corrupted one, written by the data generator) or --pairs self (the
-    init's own samples, verified, drawn once before the first update). Role: policy reshaping.
-    Loss at initialisation: ln 2 for sigmoid (policy == reference).
-
-    Differs from the paper:
-        1. The reference's log-probs are computed once, here, by a frozen copy of the init that is then freed,
-           not by a second model held through training: the same numbers, one model in memory (TRL's
-           precompute_ref_log_probs).
-        2. Preferences come from the task's verifier, not from human labellers: chosen is always correct,
-           rejected always wrong. --pairs self is the paper's "sample from the SFT model, then label" recipe
-           with the verifier as labeller (one round, like RSO or the first iteration of iterative DPO).
-        3. IPO and hinge use summed log-probs like DPO (the IPO authors average per token); SimPO averages, as
-           its paper does, counting EOS as a completion token.
-        4. No SFT-on-chosen warm start inside the stage: the init (by default the sft stage's output) is it.
-        5. --rpo-alpha adds alpha * (the chosen completion's mean per-token NLL) to each pair's loss, as the
-           RPO paper (Pang et al. 2024, arXiv 2404.19733, eq. 3) does for reasoning chains: plain DPO may
-           lower the likelihood of the chosen solutions too, as long as the rejected fall faster.
-           Measured (100 steps from the default sft, given pairs; held-out pass@1 greedy / sampled): plain
-           DPO -10.0 / -6.0 points; --rpo-alpha 1 +13.0 / +10.7; the NLL alone (--rpo-alpha 1 --beta 1e-6)
-           +20.0 / +15.4. The NLL does the good here; plain DPO stays the default.
-    """
+    """Training and held-out pairs, and the frozen reference's log-probs of both (not for simpo), computed once
+    here by a copy of the init that is then freed."""
     if args.beta is None:
         # SimPO's beta scales an average log-prob, DPO's a sum
         args.beta = 2.0 if args.loss_type == "simpo" else 0.1
@@ -766,8 +727,8 @@ def setup_pairs(args, policy, tok):
     else:
         train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
     if not train:
-        die("no preference pairs (--pairs self: no prompt got both a correct and a "
-                 "wrong sample; raise --pair-prompts or --group-size)")
+        die("no preference pairs (--pairs self: no prompt got both a correct and a wrong sample; raise "
+            "--pair-prompts or --group-size)")
     return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
             "order": Shuffler(len(train), args.seed)}
 
@@ -776,11 +737,11 @@ def self_pairs(args, policy, tok):
     """Pairs from the init policy's own samples: per prompt, a fully correct sample vs a wrong one.
 
     --group-size samples for each of --pair-prompts prompts (training_prompts, a seeded draw), sampled once,
-    before any update. Chosen: the right answer AND every step right (the verifier's step labels). Samples
-    that reach the right answer through wrong steps are used for neither side: with outcome-only labels they
-    were 65% of the "correct" samples, and DPO on them halved pass@1 (51% -> 25%, 693 pairs, 100 steps).
-    Rejected: a wrong answer. A pair holds the sampled token ids themselves (up to and including EOS, or cut
-    at the length limit), not a re-encoding of their text: exactly what the policy generated.
+    before any update. Chosen: the right answer AND every step right (the verifier's step labels); samples
+    that reach the right answer through wrong steps are used for neither side, since preferring them teaches
+    wrong arithmetic. Rejected: a wrong answer. A pair holds the sampled token ids themselves (up to and
+    including EOS, or cut at the length limit), not a re-encoding of their text: exactly what the policy
+    generated.
     """
     rng = random.Random(args.seed)
     pool = training_prompts(args)
@@ -836,7 +797,7 @@ def pair_batch(split, idx, device):
     batch = {}
     for side, k in (("chosen", 1), ("rejected", 2)):
         batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], task.PAD)  # (B, T)
-        # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding (PITFALLS item 10)
+        # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding, for policy and reference alike
         batch[side + "_mask"] = pad_right([[0] * len(pairs[i][0]) + [1] * len(pairs[i][k]) for i in idx], 0)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
         if key in split:
@@ -916,22 +877,7 @@ STAGES["dpo"] = Stage(
 
 
 def setup_rm(args, policy, tok):
-    """Stage rm: a Bradley-Terry reward model trained on preference pairs.
-
-    Paper: InstructGPT (Ouyang et al. 2022, arXiv 2203.02155), Sec. 3.5, eq. 1, after Stiennon et al. 2020:
-    a language model with a scalar head in place of its unembedding, trained on
-    -log sigmoid(r(x, y_c) - r(x, y_r)).
-    Regime: off-policy (the same pairs as dpo, --pairs given or self). Role: it reshapes no policy itself; it
-    builds the reward an on-policy stage can optimise in place of the verifier. Loss at initialisation: ln 2
-    (the head starts at 0). A sequence's score is the head's output at its EOS (sequence_scores).
-
-    Differs from the paper:
-        1. InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; here a pair is a row.
-        2. The head sits on the SFT model, as in the paper, but the unused LM head stays in the checkpoint, so
-           the folder still loads as a plain Llama model.
-        3. No reward normalisation (InstructGPT shifts the reward so that demonstrations score 0 on average).
-        4. Labels come from the task's verifier (chosen correct, rejected wrong), not from human labellers.
-    """
+    """The same pairs as dpo (--pairs given or self); no reference: the head starts at 0."""
     return setup_pairs(args, policy, tok)
 
 
@@ -1027,8 +973,8 @@ STAGES["rm"] = Stage(
 def setup_grpo(args, policy, tok):
     ctx = prompt_source(rl_prompts(args), args)
     # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0.
-    # Held even at --kl-coef 0 (the default), when it only feeds the logged kl_ref: how far the policy has
-    # drifted from its init is the first thing to watch in an RL run. It costs one forward per batch (~10%).
+    # Held even at --kl-coef 0 (the default), when it only feeds the logged kl_ref, at the cost of one forward
+    # per batch: how far the policy has drifted from its init is the first thing to watch in an RL run.
     ctx["ref"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
     setup_reward(ctx, args)  # --reward rm | prm: the frozen scorer that replaces the verifier
     return ctx
@@ -1125,32 +1071,8 @@ def setup_ppo(args, policy, tok):
 
 
 def ppo_batch(ctx, args, step):
-    """PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
-
-    Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
-    score on the last real token; A, returns = GAE(r, V_old) (gamma, lambda); A is whitened over the batch's
-    valid tokens; the loss is the clipped surrogate + vf_coef * the clipped value loss (ppo_loss).
-
-    Papers: PPO, Schulman et al. 2017, arXiv 1707.06347 (eq. 7, 9); GAE, Schulman et al. 2015, arXiv
-    1506.02438; per-token KL reward, Ziegler et al. 2019, arXiv 1909.08593 and InstructGPT, Ouyang et al.
-    2022, arXiv 2203.02155, eq. 2; details as in Huang et al. 2024, arXiv 2403.17031 ("The N+ implementation
-    details of RLHF with PPO").
-
-    Differs from the paper:
-        1. The score is the task's verifier (0/1 outcome), or a learned RM / PRM with --reward; InstructGPT's
-           is always a learned RM. With --reward prm the reward is dense: each step's PRM probability minus
-           0.5 on its end token (a step the PRM doubts costs, a step it trusts pays), instead of one score at
-           the EOS.
-        2. No pretraining-mix term (InstructGPT's PPO-ptx) and no adaptive KL controller (Ziegler): beta is
-           fixed.
-        3. The critic starts from the SFT policy with a zero score head (InstructGPT: from the reward model),
-           and shares the policy's AdamW, learning rate and global gradient clip (OpenRLHF: a separate
-           optimizer).
-        4. --group-size samples per prompt only to spend the same rollouts per step as GRPO; GAE ignores
-           groups.
-        5. The KL is k1 always (--kl-kind and --kl-in are GRPO's); log pi_old is the policy's training
-           forward, not the sampler's, so that the first ratio is exactly 1.
-    """
+    """Sample, score, then per token: the k1 KL penalty of the reward, the outcome score on the last real token,
+    the critic's values, GAE advantages (whitened over the batch's valid tokens) and returns."""
     prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
     mask = roll["completion_mask"].float()  # (B, N)
     score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
@@ -1186,7 +1108,7 @@ def ppo_batch(ctx, args, step):
 
 def ppo_token_rewards(score, kl, mask, kl_coef):
     """Per-token reward of RLHF-PPO: -kl_coef * KL at every completion token, plus the sequence score on the
-    LAST REAL token (the EOS; PITFALLS item 5: never on the first pad). score (B,), kl and mask (B, N)."""
+    LAST REAL token (the EOS; never on the first pad after it). score (B,), kl and mask (B, N)."""
     last = mask.sum(1).long() - 1  # (B,) index of the last real token (completions are contiguous from 0)
     rewards = -kl_coef * kl * mask  # (B, N)
     rewards[torch.arange(len(score), device=mask.device), last] += score.to(rewards.dtype)
@@ -1269,30 +1191,12 @@ def learned_rewards(ctx, args, roll, stats):
     --reward rm:  a Bradley-Terry reward model's sequence score, read at the completion's last real token (the
                   EOS of [bos] + prompt + completion + [eos], where the RM was trained to score). Returns
                   (rewards (B,), None); the caller uses them exactly like the verifier's 0/1.
-    --reward prm: process supervision (DeepSeekMath, Shao et al. 2024, arXiv 2402.03300, Sec. 4.1.3): the
-                  PRM's probability that each step is right, sigmoid(score) at the step's end token (every
+    --reward prm: the PRM's probability that each step is right, sigmoid(score) at the step's end token (every
                   ';', and the EOS closing the answer). Returns (per-row mean step reward (B,), for logging
                   and dynamic sampling only, and {"rewards", "ends", "mask"} each (B, S)) for
                   process_advantages / PPO's dense reward.
-
-    Differs from the paper (prm):
-        1. The paper's PRM scores reasoning steps only, with the outcome left to the answer's step; ours
-           scores the answer "#N" as a step of its own (see step_positions), so a wrong final answer after
-           right steps is still penalised.
-        2. Step reward = sigmoid(PRM logit), a probability in (0, 1); the paper does not say how the PRM's
-           output becomes a number.
-        3. The PRM stays frozen; DeepSeekMath's iterative RL retrains it on the policy's new samples.
-
-    NOTE, measured (40 GRPO steps at the grpo defaults from the default sft, PRM of 0.87 held-out step
-    accuracy at a base rate of 0.85): process supervision collapsed, held-out sampled pass@1 59.0% -> 0.1%
-    (outcome-only GRPO: 59.0% -> 69.0%); --kl-coef 0.04 only slowed it (-> 2.5%). Within 10 steps the
-    verifier's reward fell to 0 while the PRM's mean step score rose to 0.92. From an earlier sft model:
-    greedy 51% -> 13%. Two causes: (a) the PRM's scores fall with step position, so the suffix sums give the
-    late tokens of EVERY completion negative advantages (token mean -1.1 at the first step), the sum-form
-    collapse of PURE (Cheng et al. 2025, arXiv 2504.15275); (b) a frozen PRM is exploitable: for the earlier
-    sft it caught 82% of the wrong steps in the init's samples, 34% in the trained policy's. A min-over-steps
-    sequence reward (PURE's remedy, tried once, not shipped) collapsed too. Retraining the PRM as the policy
-    moves (point 3) or mixing in the verifier's reward are what the papers do.
+    NOTE: a frozen learned reward can be exploited: the policy finds completions the scorer likes and the
+    verifier does not. The verifier's accuracy is therefore always logged beside it ("reward").
     """
     model, mask = ctx["reward_model"], roll["completion_mask"]  # (B, N)
     if args.reward == "rm":
@@ -1368,29 +1272,8 @@ def setup_prm(args, policy, tok):
 
 
 def prm_batch(ctx, args, step):
-    """Process reward model: a score head trained to say, at each step's end token, whether the step is right.
-
-    Rows: --batch-size prompts x --group-size completions, fresh each step, sampled from the frozen init
-    policy on rl.jsonl prompts (--prm-data samples; the PRM then knows the policy's own mistakes), or the
-    noisy worked solutions of pretrain.jsonl (--prm-data pretrain: cheap, and every label is clean). Labels
-    (--prm-labels): the verifier's local step labels (is this step right given what is written before it?), or
-    Math-Shepherd Monte-Carlo labels (can the init policy still reach the right answer from here?
-    --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by the outcome. Loss:
-    prm_loss (BCE per step).
-
-    Papers: Lightman et al. 2023, arXiv 2305.20050 (PRM800K: per-step correctness); Math-Shepherd, Wang et al.
-    2023, arXiv 2312.08935 (labels from rollouts: hard estimate = any of N reaches the answer, Sec. 3.2).
-
-    Differs from the paper:
-        1. A scalar score head with binary cross-entropy, not the LM predicting a label token (see
-           losses/prm.py).
-        2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has
-           human labels, Math-Shepherd's "still reaches the answer" labels are what --prm-labels mc estimates.
-        3. Math-Shepherd's completer is a separately fine-tuned model with N = 8; ours is the init policy
-           itself with --mc-rollouts (default 4), and only the hard estimate.
-        4. The answer is a separate step labelled by the outcome; Math-Shepherd's last step holds the answer.
-        5. Fresh completions every step (no fixed dataset, no epochs).
-    """
+    """Fresh PRM training rows: sampled (or pretrain) completions, their step labels (--prm-labels) and the
+    step end positions, via prm_rows."""
     tok = ctx["tok"]
     if args.prm_data == "pretrain":
         rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
@@ -1531,37 +1414,18 @@ STAGES["prm"] = Stage(
 
 
 def setup_distill(args, policy, tok):
-    """Stage distill: token-level knowledge distillation of a trained teacher into a smaller student.
-
-    --distill-mode picks who writes the sequences and the divergence taken at each of their completion tokens:
-        forward   teacher samples, KL(teacher || student): sequence-level KD (Kim & Rush 2016, arXiv
-                  1606.07947) with Hinton et al.'s soft targets (arXiv 1503.02531) at every token. Off-policy.
-        reverse   teacher samples, KL(student || teacher). Off-policy.
-        jsd       teacher samples, the generalized JSD(--jsd-beta) of GKD (Agarwal et al. 2023, arXiv
-                  2306.13649, eq. 1). Off-policy.
-        onpolicy  the student's own samples, scored by the teacher with JSD(--jsd-beta): GKD with lambda = 1,
-                  on-policy distillation (--jsd-beta 1: per-token reverse KL, MiniLLM's objective token-wise).
-    Role: consolidation (behaviour moves from a big model into a small one). Loss at initialisation, were the
-    student the teacher: exactly 0 in every mode.
-
-    Differs from the papers:
-        1. Sequences are sampled afresh every step at --temperature (one for each of --batch-size prompts),
-           not decoded once into a fixed corpus (Kim & Rush decode once, with beam search).
-        2. GKD mixes student and fixed-data sequences with probability lambda per batch; a run here is all
-           teacher samples or all student samples.
-        3. The student starts from its own small pretrain, not from a supervised fine-tuned student as in GKD.
-        4. No temperature on the loss and no hard-label term (tau = 1, hence no tau^2 factor).
-    """
+    """The frozen teacher (--teacher, default OUT_DIR/grpo, built if missing) and the prompts of every length
+    the held-out test has (training_prompts)."""
     if args.teacher is None:
         args.teacher = args.stage_output("grpo")  # OUT_DIR/grpo, trained first if missing
     teacher = load_model(args.teacher, args.device).eval().requires_grad_(False)
     if teacher.config.vocab_size != policy.config.vocab_size:
         die(f"teacher {args.teacher} has vocabulary {teacher.config.vocab_size}, "
-                 f"the student {policy.config.vocab_size}; distillation needs one vocabulary")
+            f"the student {policy.config.vocab_size}; distillation needs one vocabulary")
     print(f"[distill] teacher {args.teacher}: {teacher.num_params() / 1e6:.2f}M parameters, "
           f"student {policy.num_params() / 1e6:.2f}M; mode {args.distill_mode}")
-    # the student learns the teacher's distributions on these prompts (on rl.jsonl's alone, long chains an sft
-    # teacher mostly gets wrong, the student's pass@1 did not move)
+    # the student learns the teacher's distributions on prompts of every length, not on rl.jsonl's long chains
+    # alone, which a teacher mostly gets wrong
     return {"teacher": teacher, **prompt_source(training_prompts(args), args)}
 
 
@@ -1569,8 +1433,7 @@ def distill_batch(ctx, args, step):
     # who writes the sequences is the whole difference between off- and on-policy distillation
     sampler = ctx["policy"] if args.distill_mode == "onpolicy" else ctx["teacher"]
     # one sample per prompt (group size 1): G samples of a prompt from a peaked teacher are near copies, so
-    # --group-size 8 divides the distinct sequences per step by about 8 (measured, 200 steps: student greedy
-    # pass@1 9.5% -> 10.0% with G = 8, -> 16.5% with G = 1)
+    # --group-size 8 would divide the distinct sequences per step by about 8
     one_each = argparse.Namespace(**{**vars(args), "group_size": 1})
     _, _, verdicts, roll = sample_groups(ctx, one_each, sampler)
     del roll["sampler_logps"]

@@ -19,7 +19,7 @@ matrix products and attention:
 Left padding keeps every row's last prompt token in the same column, so one new column per step serves all
 rows; positions come from the mask (model.py), so padding changes nothing a row computes.
 
-Log-probs (DESIGN "Conventions", PITFALLS item 8): the log-prob of each sampled token under
+Log-probs: the log-prob of each sampled token under
 logits/temperature, the full distribution, NOT the top-k/top-p truncated one the token was drawn from. That is
 what the policy and reference compute with completion_logps, so the PPO/GRPO ratio is exactly 1 before an
 update.

@@ -26,7 +26,7 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
         A_i = (r_i - mean(r_group)) / (std(r_group) + eps)      scale_by_std=True   (GRPO)
         A_i =  r_i - mean(r_group)                              scale_by_std=False  (Dr. GRPO)
     std is the UNBIASED sample std (divides by G - 1), torch.std's default. So G = 2 with rewards {1, 0} gives
-    +-0.5 / 0.7071 = +-0.7071, not +-1 (PITFALLS item 2); with the biased std it would be +-1.
+    +-0.5 / 0.7071 = +-0.7071, not +-1; with the biased std it would be +-1.
 
     Papers: GRPO outcome supervision, Shao et al. 2024 (DeepSeekMath), arXiv 2402.03300, Sec. 4.1.2;
     Dr. GRPO, Liu et al. 2025, arXiv 2503.20783, Fig. 1 (drops the std, which over-weights groups that are
@@ -42,9 +42,7 @@ def group_advantages(rewards, group_size, scale_by_std=True, eps=1e-6):
     Returns:
         (B,) fp32 advantages, detached. They sum to 0 within each group. A group whose rewards are all equal
         gets EXACTLY 0 (never NaN, never 1e-11 from rounding in the mean): it carries no learning signal, and
-        a loss of 0 with a gradient norm of 0 then means every group was like that (PITFALLS item 12).
-
-    Value at initialisation: n/a (depends only on the rewards).
+        a loss of 0 with a gradient norm of 0 then means every group was like that.
 
     Differs from the paper:
         1. eps in the denominator; the paper divides by std(r) alone, undefined for a group of equal rewards.
@@ -80,10 +78,7 @@ def rloo_advantages(rewards, group_size):
     Returns:
         (B,) fp32, detached; sums to 0 within each group; exactly 0 for a group of equal rewards.
 
-    Value at initialisation: n/a.
-
-    Differs from the paper:
-        1. Nothing (the paper's k samples are our G).
+    The paper's k samples are our G.
     """
     _check_groups(rewards.size(0), group_size, "rloo_advantages")
     r = rewards.detach().float().reshape(-1, group_size)  # (B/G, G)
@@ -106,7 +101,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     Paper: Schulman et al. 2015, arXiv 1506.02438, eq. 16 (the recursion is PPO's truncated form,
     arXiv 1707.06347, eqs. 11-12).
 
-    Why "skip", concretely (PITFALLS item 6): a masked position (padding, or a tool/observation token in a
+    Why "skip", concretely: a masked position (padding, or a tool/observation token in a
     multi-turn rollout) has no action of the policy, so its reward and value are ignored and the carry (the
     next valid value and the next valid advantage) passes straight through it to the previous valid token,
     with no extra discount. A huge junk value at a masked slot therefore changes nothing, and nothing after
@@ -123,7 +118,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     Returns:
         advantages (B, T), returns (B, T): fp32, detached, 0 at masked positions.
 
-    Value at initialisation: n/a. With gamma = lam = 1 and values = 0, A_t is the reward-to-go.
+    With gamma = lam = 1 and values = 0, A_t is the reward-to-go.
 
     Differs from the paper:
         1. The paper's time steps are all real; here masked positions are removed from the time axis.
@@ -177,8 +172,6 @@ def process_advantages(step_rewards, step_ends, step_mask, group_size, seq_len, 
     Returns:
         (B, T) fp32, detached. A group whose valid step rewards are all equal (or that has a single valid
         step) gets exactly 0 everywhere.
-
-    Value at initialisation: n/a.
 
     Differs from the paper:
         1. eps in the denominator and exact zeros for a constant group; the paper divides by std(R) alone.

@@ -22,7 +22,7 @@ def gather_logprobs(logits, targets):
 
     Args:
         logits:  (B, T, V) any float dtype. NOTE: divide by the sampling temperature first if the result must
-                 match the distribution the sampler drew from (PITFALLS item 8).
+                 match the distribution the sampler drew from.
         targets: (B, T) long, valid token ids in [0, V). Positions you do not care about still need a valid id
                  (e.g. the pad id); mask the result afterwards instead of putting IGNORE_INDEX here.
 
@@ -31,12 +31,11 @@ def gather_logprobs(logits, targets):
 
     Value at initialisation: log(1/V) for every position when the logits are all equal.
 
-    Differs from the paper:
-        1. Nothing (there is no paper). The sampler calls this directly on one decode step's logits; all
-           full-sequence callers go through token_logprobs, which adds the causal shift.
+    The sampler calls this directly on one decode step's logits; full-sequence callers go through
+    token_logprobs (which adds the causal shift) or rollout.completion_logps.
     """
     # fp32 before the softmax: in bf16 a log-prob near 0 has only ~3 significant digits, which is enough to
-    # make a PPO ratio visibly differ from 1 before any update (PITFALLS item 7, STYLE lesson 5).
+    # make a PPO ratio visibly differ from 1 before any update.
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
@@ -47,11 +46,12 @@ def token_logprobs(logits, ids):
     Objective:
         out[b, t] = log p(ids[b, t + 1] | ids[b, :t + 1]) = gather_logprobs(logits[:, :-1], ids[:, 1:])[b, t]
 
-    Paper: none; the standard causal shift (PITFALLS item 7 lists the off-by-one bugs this avoids).
+    Paper: none; the standard causal shift. Getting it wrong (logits[t] scored against ids[t]) is the classic
+    off-by-one of hand-written DPO and PPO code: the model is then trained to copy its input.
 
     Args:
         logits: (B, T, V) the model's output for input ids (B, T). Divide by the sampling temperature first
-                where the log-probs must match the sampler's distribution (DESIGN "Conventions").
+                where the log-probs must match the sampler's distribution.
         ids:    (B, T) long, the same ids that were fed to the model.
 
     Returns:
@@ -59,9 +59,6 @@ def token_logprobs(logits, ids):
         predicts it) and the last logit predicts nothing we have. Shift masks the same way: mask[:, 1:].
 
     Value at initialisation: log(1/V) everywhere for uniform logits.
-
-    Differs from the paper:
-        1. Nothing.
     """
     return gather_logprobs(logits[:, :-1], ids[:, 1:])  # (B, T-1, V), (B, T-1) -> (B, T-1)
 
@@ -85,10 +82,7 @@ def masked_mean(x, mask, dim=None):
     Returns:
         0-dim tensor (dim=None) or x with `dim` removed.
 
-    Value at initialisation: n/a.
-
-    Differs from the paper:
-        1. Nothing. (verl adds 1e-8 to the denominator instead of clamping; clamping keeps the result exact.)
+    verl adds 1e-8 to the denominator instead of clamping; clamping keeps the result exact.
     """
     mask = mask.to(x.dtype)
     # Zero the masked entries before multiplying: padded slots may hold huge values, inf or NaN, and

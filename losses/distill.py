@@ -84,7 +84,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, tempera
 
     Paper: Agarwal et al. 2023 (GKD, "On-Policy Distillation of Language Models"), arXiv 2306.13649, eq. 1.
 
-    Why the endpoints are special-cased (PITFALLS item 11): plugging beta = 0 or 1 into the formula gives
+    Why the endpoints are special-cased: plugging beta = 0 or 1 into the formula gives
     M = p_S or M = p_T and a divergence of exactly 0, not a KL. Near the endpoints the formula behaves like
     beta * KL(p_T || p_S) (beta -> 0) and (1 - beta) * KL(p_S || p_T) (beta -> 1): the DIRECTION of the
     gradient approaches forward / reverse KL while its SIZE vanishes. GKD reads beta = 0 / 1 as forward /
@@ -105,9 +105,8 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, tempera
 
     Value at initialisation (student == teacher): exactly 0 for every beta.
 
-    Differs from the paper:
-        1. Nothing in the formula. The paper's on-policy mixing (lambda, student-generated sequences) is the
-           caller's choice of which sequences to score, not part of this loss.
+    The paper's on-policy mixing (lambda, student-generated sequences) is the caller's choice of which
+    sequences to score, not part of this loss.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"generalized_jsd_loss: beta must be in [0, 1], got {beta}")

@@ -2,7 +2,7 @@
 
 Every function takes per-sequence numbers (B,) that the caller computed by summing (or averaging) token
 log-probs over exactly the completion tokens, chosen and rejected as SEPARATE arguments (no "first half of the
-batch is chosen" convention, STYLE lesson 1), and returns UNREDUCED losses (B,): the caller takes the mean.
+batch is chosen" convention to get wrong), and returns UNREDUCED losses (B,): the caller takes the mean.
 
 This file imports only torch: nothing here needs a shared helper. Shapes: B batch.
 """
@@ -41,12 +41,13 @@ def dpo_loss(
     Args:
         policy_chosen_logps:   (B,) log pi(y_chosen | x), summed over the chosen completion's tokens.
         policy_rejected_logps: (B,) the same for the rejected completion.
-        ref_chosen_logps:      (B,) log ref(y_chosen | x) over EXACTLY the same tokens (PITFALLS item 10).
+        ref_chosen_logps:      (B,) log ref(y_chosen | x) over EXACTLY the same tokens as the policy's.
         ref_rejected_logps:    (B,) the same for the rejected completion.
         beta:            > 0, strength of the implicit KL regularisation (tau in IPO).
         loss_type:       "sigmoid", "ipo" or "hinge".
         label_smoothing: eps in [0, 0.5), only for "sigmoid" (0 = plain DPO). A ValueError for the other loss
-                         types instead of silently ignoring it (PITFALLS item 10: libraries disagree here).
+                         types instead of silently ignoring it (libraries disagree here: the same value changes
+                         one library's loss and not another's).
 
     Returns:
         losses (B,): unreduced, differentiable.
@@ -120,8 +121,7 @@ def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gam
     Value at initialisation: there is no reference model; when avg_c == avg_r the loss is
         -log sigmoid(-gamma) = log(1 + e^gamma), 0.974 at gamma = 0.5 (ln 2 only when gamma = 0).
 
-    Differs from the paper:
-        1. Nothing. (Averaging the log-probs is the caller's job: pass averages, not sums.)
+    Averaging the log-probs is the caller's job: pass averages, not sums.
     """
     margin = beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma  # (B,)
     return -F.logsigmoid(margin)

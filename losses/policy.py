@@ -2,14 +2,14 @@
 penalty estimators k1 / k2 / k3, the clipped value loss, and the entropy of the policy.
 
 All tensors are response-only, shape (B, T), with a 0/1 mask that is 1 on generated tokens up to and including
-EOS (DESIGN "Conventions"). Padded positions may hold anything finite; they never change a result.
+EOS. Padded positions may hold anything finite; they never change a result.
 Shapes: B batch, T time, V vocab.
 """
 
 import torch
 
 # One import from this package, on purpose: every loss here reduces with the same masked_mean, defined once in
-# common.py (two drifting copies of "mean over what" is the classic GRPO bug, STYLE lesson 4). Copying this
+# common.py (two drifting copies of "mean over what" is the classic GRPO bug). Copying this
 # file out on its own? Paste masked_mean from losses/common.py (a dozen lines, torch only) in place of this
 # import.
 from .common import masked_mean
@@ -98,7 +98,8 @@ def policy_loss(
         dual_clip:  None, or c > 1: for A < 0 the loss of a token is capped at -c * A (= c * |A|), so a token
                     the new policy made far MORE likely (ratio >> 1) cannot produce an unbounded push. Same
                     rule as verl's clip_ratio_c (default 3 there).
-        loss_agg:   one of LOSS_AGGS, see above. This is the most argued detail of GRPO (PITFALLS item 1).
+        loss_agg:   one of LOSS_AGGS, see above. This is the most argued detail of GRPO: a per-sequence
+                    mean gives each token of a short completion more weight than one of a long completion.
         norm_len:   the constant of "seq_mean_token_sum_norm". None means T, the PADDED length of this batch,
                     which changes with padding; pass the generation budget (max_new_tokens) to make it a true
                     constant.
@@ -280,7 +281,7 @@ def entropy_from_logits(logits):
     Objective:
         H[b, t] = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v * z_v,     z = logits[b, t]
 
-    Paper: none (definition). Used as a diagnostic (entropy collapse, PITFALLS item 13) or a bonus term.
+    Paper: none (definition). Used as a diagnostic (RL tends to collapse the entropy early) or a bonus term.
 
     Args:
         logits: (B, T, V), any float dtype; divide by the sampling temperature first if you want the entropy
@@ -290,9 +291,6 @@ def entropy_from_logits(logits):
         (B, T) fp32, each value in [0, ln V].
 
     Value at initialisation: ln V for uniform logits.
-
-    Differs from the paper:
-        1. Nothing.
     """
     logits = logits.float()  # (B, T, V)
     p = torch.softmax(logits, dim=-1)  # (B, T, V)

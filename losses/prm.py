@@ -25,7 +25,7 @@ def prm_loss(step_logits, step_labels, step_mask):
     Args:
         step_logits: (B, S) the PRM's logit at each step's END token, gathered by the caller from the score
                      head's (B, T) output. NOTE: no causal shift here, the score at a step's last token judges
-                     that step (PITFALLS item 7: PRM scoring is the exception to the shift).
+                     that step: PRM scoring is the one exception to the causal shift.
         step_labels: (B, S) 1 for a correct step, 0 for a wrong one; soft labels in [0, 1] are fine.
         step_mask:   (B, S) 1 for real steps, 0 for padding steps (their logits and labels are ignored).
 

@@ -37,7 +37,8 @@ def sft_loss(logits, labels, ignore_index=IGNORE_INDEX):
         1. Prompt tokens get no loss (labels = ignore_index there): the common practice, not stated in the
            paper.
         2. NOTE: this is the token mean of THIS call. With gradient accumulation, averaging micro-batch
-           means is not the token mean of the whole batch (PITFALLS item 4); weight each micro-batch by its
+           means is not the token mean of the whole batch (3 tokens of loss 1 in one micro-batch and 1 of
+           loss 5 in the other: the mean of the means is 3, the token mean 2); weight each micro-batch by its
            token count.
     """
     logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t + 1; fp32 for the softmax

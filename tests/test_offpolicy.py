@@ -136,7 +136,7 @@ def test_rpo_adds_the_chosen_per_token_nll(tmp_path):
 
 
 def test_sequence_logps_count_completion_tokens_only(tmp_path):
-    """Padding and prompt add nothing (PITFALLS item 10): a pair's log-prob is the same alone or padded in a
+    """Padding and prompt add nothing: a pair's log-prob is the same alone or padded in a
     batch, and equals the sum over its completion tokens of an unpadded forward."""
     model = GPT.from_pretrained(tiny_checkpoint(tmp_path / "m"))
     args = posttrain.get_args([])
