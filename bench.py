@@ -101,27 +101,20 @@ def bench_grpo(args):
     model is --init (e.g. out/sft) or, by default, a fresh model of the default config (its completions are
     then long and random, so pass an SFT checkpoint for realistic lengths).
     """
-    from contextlib import nullcontext
-
     import posttrain
-    from data import task
-    argv = ["--batch-size", str(args.grpo_prompts), "--group-size", str(args.group_size), "--kl-coef", "0.04"]
-    pargs = posttrain.stage_args(posttrain.get_args(argv), "grpo")
-    pargs.device, pargs.amp = "cpu", nullcontext
-    tok = task.load_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         if args.init is None:
             GPT(GPTConfig()).save_pretrained(tmp)
-        pargs.init_folder = args.init or tmp
-        policy = posttrain.load_model(pargs.init_folder, "cpu")
-        ctx = posttrain.setup_grpo(pargs, policy, tok)
-    ctx.update(policy=policy, tok=tok)
+        argv = ["--stage", "grpo", "--init", args.init or tmp, "--device", "cpu", "--batch-size",
+                str(args.grpo_prompts), "--group-size", str(args.group_size), "--kl-coef", "0.04"]
+        pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
+    policy = ctx["policy"]
     params = list(policy.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6)  # tiny lr: the step's cost, not its effect, is measured here
     phases = {"rollout": [], "old logps": [], "ref logps": [], "update": []}
     for rep in range(args.reps + 1):  # the first run is a warm-up
         t0 = time.perf_counter()
-        _, _, _, roll = posttrain.sample_groups(ctx, pargs, tok)
+        _, _, _, roll = posttrain.sample_groups(ctx, pargs, policy)
         t1 = time.perf_counter()
         roll["old_logps"] = posttrain.chunked_logps(policy, roll, pargs)
         t2 = time.perf_counter()
@@ -130,10 +123,7 @@ def bench_grpo(args):
         roll["adv"] = torch.randn(len(roll["old_logps"]))  # (B,) any advantages: the cost does not depend on them
         roll["w"] = roll["completion_mask"].sum(1)
         for _ in range(pargs.ppo_epochs):
-            for sl in posttrain.chunks(len(roll["w"]), pargs.micro_batch_size):
-                micro = {k: v[sl] for k, v in roll.items()}
-                loss, _ = posttrain.grpo_loss(ctx, pargs, micro)
-                (loss * micro["w"].sum() / roll["w"].sum()).backward()
+            posttrain.accumulate_gradients(posttrain.STAGES["grpo"], ctx, pargs, roll, torch.arange(len(roll["w"])))
             opt.step()
             opt.zero_grad(set_to_none=True)
         t4 = time.perf_counter()

@@ -42,13 +42,8 @@ def small_data(folder, n=256):
 
 
 def stage_ctx(name, argv):
-    """What train_stage does before its loop: the stage's flags, the init model, the stage's ctx."""
-    args = posttrain.stage_args(posttrain.get_args(argv), name)
-    args.device, args.amp, args.init_folder = "cpu", nullcontext, args.init
-    tok = task.load_tokenizer()
-    policy = posttrain.load_model(args.init, "cpu", score_head=STAGES[name].score_head or None)
-    ctx = STAGES[name].setup(args, policy, tok)
-    ctx.update(policy=policy, tok=tok)
+    """What train_stage does before its loop (posttrain.prepare): the stage's flags and its ctx."""
+    args, ctx = posttrain.prepare(name, posttrain.get_args(["--stage", name, "--device", "cpu", *argv]))
     return ctx, args
 
 

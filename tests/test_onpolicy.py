@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import random
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -36,8 +35,9 @@ def tiny_folder(path, seed=0, n_layer=1, n_embd=32):
 
 def stage_args(stage, init, *flags):
     """The flags a stage sees inside train_stage, for calling its functions directly."""
-    args = posttrain.stage_args(posttrain.get_args(["--stage", stage, *TINY, *flags]), stage)
-    args.device, args.amp, args.init_folder = "cpu", nullcontext, init
+    args = posttrain.stage_args(posttrain.get_args(["--stage", stage, "--init", init, "--device", "cpu", *TINY,
+                                                    *flags]), stage)
+    args.init_folder = init
     return args
 
 
@@ -62,9 +62,8 @@ def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, stage, kl_coef):
     # At --kl-coef 0 the KL is still measured and logged, and must be 0 too.
     args = stage_args(stage, init, "--kl-coef", kl_coef, "--batch-size", "2", "--group-size", "3",
                       "--max-new-tokens", "12", "--micro-batch-size", "4", "--no-dynamic-sampling")
-    policy = GPT.from_pretrained(init)
-    ctx = posttrain.STAGES[stage].setup(args, policy, TOK)
-    ctx.update(policy=policy, tok=TOK)
+    args, ctx = posttrain.prepare(stage, args)
+    policy = ctx["policy"]
     roll, stats = posttrain.STAGES[stage].make_batch(ctx, args, 0)
     assert stats["kl_ref"] == 0.0  # the reference is a second copy of the same weights
     for sl in posttrain.chunks(len(roll["w"]), args.micro_batch_size):
@@ -139,9 +138,7 @@ def hand_gae(rewards, values, mask, gamma, lam):
 def test_ppo_batch_rewards_and_gae_targets_match_a_hand_computation(tmp_path, monkeypatch):
     init = tiny_folder(tmp_path / "init")
     args = stage_args("ppo", init, "--kl-coef", "0.1", "--group-size", "3", "--lam", "0.9")
-    policy = GPT.from_pretrained(init)
-    ctx = posttrain.setup_ppo(args, policy, TOK)
-    ctx.update(policy=policy, tok=TOK)
+    args, ctx = posttrain.prepare("ppo", args)
     # a critic with non-zero values (a fresh one says 0 everywhere) and a reference unlike the policy
     with torch.no_grad():
         ctx["critic"].score.weight.normal_(0, 1.0)
@@ -179,9 +176,7 @@ def test_rft_keeps_only_verified_distinct_samples(tmp_path, monkeypatch):
     init = tiny_folder(tmp_path / "init")
     args = stage_args("rft", init, "--group-size", "4", "--batch-size", "1", "--round-prompts", "1",
                       "--steps", "4", "--rounds", "2")
-    policy = GPT.from_pretrained(init)
-    ctx = posttrain.setup_rft(args, policy, TOK)
-    ctx.update(policy=policy, tok=TOK)
+    args, ctx = posttrain.prepare("rft", args)
     prompt = "30-7+2="
     right = "30-7=23;23+2=25;#25"
     texts = [right, "30-7=23;23+2=26;#26", right, right + ";"]  # right, wrong, duplicate (kept once), bad
