@@ -171,8 +171,7 @@ def test_distill_from_greedy_teacher_sequences_scores_at_temperature_one(tmp_pat
     batch, _ = posttrain.distill_batch(ctx, args, 0)
     loss, metrics = posttrain.distill_loss(ctx, args, batch)
     assert torch.isfinite(loss) and loss.item() > 1e-4
-    # greedy sequences: a second batch from the same prompts is the same sequences
-    args.temperature = 1.0  # now score the same batch at temperature 1: the same numbers
+    args.temperature = 1.0  # score the same greedy sequences at temperature 1: exactly the same numbers
     loss_t1, _ = posttrain.distill_loss(ctx, args, batch)
     assert loss.item() == loss_t1.item()
     args, ctx = prepare("distill", a, "--teacher", a, *flags)  # the student is the teacher: exactly 0
