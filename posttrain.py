@@ -466,7 +466,7 @@ def completion_rows(tok, prompts, completions, device):
 @torch.no_grad()
 def chunked_logps(model, roll, args):
     """Completion log-probs of a whole rollout batch, in micro-batch chunks (same chunks as the update)."""
-    out = [roll["completion_ids"][:0].float()]  # (0, N): a batch whose every group was dropped stays empty
+    out = []
     for sl in chunks(len(roll["completion_ids"]), args.micro_batch_size):
         with args.amp():
             out.append(rollout.completion_logps(model, roll["prompt_ids"][sl], roll["prompt_mask"][sl],
@@ -1005,12 +1005,13 @@ def grpo_batch(ctx, args, step):
         if steps is not None:
             steps = {k: v[keep] for k, v in steps.items()}
         mask = roll["completion_mask"].float()  # (B', N)
+        if not keep.any():  # every group all right or all wrong: nothing to learn, and the loop skips the step
+            return {"w": torch.zeros(0)}, stats
     # old log-probs: the policy's own training forward before any update of this batch (not the sampler's
     # incremental ones), in the same micro-batch chunks as the update, so the first ratio is exactly 1; the
     # sampler's are kept only as a diagnostic
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B', N)
-    gap = (roll["old_logps"] - roll["sampler_logps"]).abs() * mask  # (B', N)
-    stats["sampler_logp_gap"] = gap.max().item() if gap.numel() else 0.0
+    stats["sampler_logp_gap"] = ((roll["old_logps"] - roll["sampler_logps"]).abs() * mask).max().item()
     roll["ref_logps"] = chunked_logps(ctx["ref"], roll, args)  # (B', N)
     kl = kl_penalty(roll["old_logps"], roll["ref_logps"], kind=args.kl_kind, mask=mask)  # (B', N)
     stats["kl_ref"] = masked_mean(kl, mask).item()  # logged even when it is not penalised
@@ -1019,9 +1020,9 @@ def grpo_batch(ctx, args, step):
         # here (main refuses k2 / k3): only k1 in a reward has the gradient of KL(pi || ref).
         rewards = rewards - args.kl_coef * (kl * mask).sum(1)  # (B',)
     if args.advantage == "rloo":
-        adv = rloo_advantages(rewards, G) if len(rewards) else rewards  # (B',)
+        adv = rloo_advantages(rewards, G)  # (B',)
     else:
-        adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling) if len(rewards) else rewards
+        adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)  # (B',)
     if steps is not None:
         # process supervision (DeepSeekMath Sec. 4.1.3): a token's advantage is the sum of the group-normalised
         # PRM rewards of the steps that end at or after it (main refuses --kl-in reward with --reward prm: the
@@ -1823,17 +1824,14 @@ def fmt_time(s):
 def main(argv=None):
     args = get_args(argv)
     names = [s.strip() for s in args.stage.split(",") if s.strip()]
+    if not names:
+        die("--stage is empty; name a stage or a comma-separated pipeline of stages")
     for n in names:
         if n not in STAGES:
             die(f"--stage {n!r} is not a stage; choose from {', '.join(STAGES)}")
-    if not names:
-        die("--stage is empty; name a stage or a comma-separated pipeline of stages")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is available")
-    bf16 = args.dtype == "bf16"
-    args.amp = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if bf16 else nullcontext
+    # (device "auto" and the bf16 autocast context are resolved per stage, in stage_args)
     for n in stages_to_train(args, names):
         check_stage_args(stage_args(args, n), n)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

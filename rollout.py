@@ -19,15 +19,14 @@ matrix products and attention:
 Left padding keeps every row's last prompt token in the same column, so one new column per step serves all
 rows; positions come from the mask (model.py), so padding changes nothing a row computes.
 
-Log-probs: the log-prob of each sampled token under
-logits/temperature, the full distribution, NOT the top-k/top-p truncated one the token was drawn from. That is
-what the policy and reference compute with completion_logps, so the PPO/GRPO ratio is exactly 1 before an
-update.
+Log-probs: the log-prob of each sampled token under logits/temperature, the full distribution, NOT the
+top-k/top-p truncated one the token was drawn from. That is what the policy and reference compute with
+completion_logps, so the two agree to float error (the ratio itself uses completion_logps on both sides, and is
+exactly 1 before an update).
 """
 
-import dataclasses
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -162,7 +161,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_id=None, gener
     with autocast():
         s = sample(model, prompts, max_new, temperature=temperature, eos_id=eos_id, generator=generator,
                    pad_id=pad_id)
-    return Samples(*(getattr(s, f.name).clone() for f in dataclasses.fields(s)))
+    return Samples(*(getattr(s, f.name).clone() for f in fields(s)))
 
 
 def sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):

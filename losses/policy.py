@@ -47,7 +47,7 @@ def aggregate_loss(loss_tok, mask, loss_agg="token_mean", norm_len=None):
         return masked_mean(loss_tok, mask)
     m = mask.to(loss_tok.dtype)  # (B, T)
     n_tokens = m.sum(-1)  # (B,)
-    seq_sum = (loss_tok.masked_fill(m == 0, 0.0) * m).sum(-1)  # (B,) per-sequence token sum
+    seq_sum = loss_tok.masked_fill(m == 0, 0.0).sum(-1)  # (B,) per-sequence token sum, padding excluded
     if loss_agg == "seq_mean_token_mean":
         per_seq = seq_sum / n_tokens.clamp(min=1)  # (B,)
     elif loss_agg == "seq_mean_token_sum":
@@ -183,8 +183,8 @@ def kl_penalty(logps, ref_logps, kind="k3", mask=None):
     Paper: John Schulman, "Approximating KL divergence" (2020 blog note, joschu.net/blog/kl-approx.html);
     k3 is DeepSeekMath's estimator (arXiv 2402.03300, eq. 4).
 
-    All three estimate the same VALUE, but they are not interchangeable as training signals. Where the
-    estimate goes decides which gradient you get (x sampled from the current pi; the sampling itself is not
+    k1 and k3 estimate the same value (k2 approximates it), but they are not interchangeable as training
+    signals. Where the estimate goes decides which gradient you get (x sampled from the current pi; the sampling itself is not
     differentiated):
         In the LOSS, E[grad k(x)]:
             k1: E_pi[grad log pi(x)] = 0. As a loss it does nothing in expectation.
@@ -196,8 +196,8 @@ def kl_penalty(logps, ref_logps, kind="k3", mask=None):
             k1: E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref), exactly: the reverse KL.
             k2, k3: no KL's gradient. Near the reference they are second order in log_r, so the penalty has
                 almost no pull; further away the direction can be wrong outright (on a small categorical,
-                enumerated exactly, k3-in-the-reward pointed away from the reference's gradient). Use k1 in
-                the reward.
+                enumerated exactly, k3 in the reward gave a gradient pointing away from that of the true
+                KL). Use k1 in the reward.
 
     Args:
         logps:     (B, T) log pi(token), with gradient if used as a loss.

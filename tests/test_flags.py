@@ -122,6 +122,15 @@ def test_dynamic_sampling_filters_on_the_outcome_reward_with_the_kl_in_the_rewar
     torch.testing.assert_close(roll["adv"].abs(), torch.full((2,), 0.5 ** 0.5), atol=1e-4, rtol=0)
 
 
+def test_a_step_whose_every_group_is_dropped_gives_an_empty_batch(tmp_path, monkeypatch):
+    args, ctx = prepare("grpo", tiny_folder(tmp_path / "init"), "--group-size", "2", "--batch-size", "2")
+    texts = ["12+5=17;17-3=14;#14", "#14", "12+5=17;#17", "#13"]
+    fake = fake_rollout("12+5-3=", texts, [1, 1, 0, 0])  # one all-right and one all-wrong group
+    monkeypatch.setattr(posttrain, "sample_groups", lambda *a, **k: fake)
+    batch, stats = posttrain.grpo_batch(ctx, args, 0)
+    assert len(batch["w"]) == 0 and stats["zero_std_groups"] == 1.0
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 3. bf16 autocast at temperature 0.7: one log-prob path, so the first ratio is exactly 1 and the KL exactly 0
 
