@@ -4,6 +4,9 @@ Speed figures for posttrain, one function per benchmark:
     python bench.py --what sampler     new tokens/s of rollout.sample at several batch sizes, side by side
                                        with HF transformers' generate on the same weights if it is installed
     python bench.py --what grpo        one GRPO step (rollout, old/reference log-probs, update), by phase
+    python bench.py --what smollm2 --grpo-prompts 4 --group-size 4 --new-tokens 32
+                                       the same on a random model of SmolLM2-135M's shape, with peak memory,
+                                       and our sampler against transformers' generate on its weights
 
 This script (only this one, besides the test-fixture script) imports transformers, and only if present; the
 program never needs it. Timings are wall-clock medians after a warm-up run, on the threads torch is given.
@@ -18,6 +21,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from data import task
+from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 from rollout import sample
 
@@ -105,42 +110,111 @@ def bench_grpo(args):
     with tempfile.TemporaryDirectory() as tmp:
         if args.init is None:
             GPT(GPTConfig()).save_pretrained(tmp)
-        argv = ["--stage", "grpo", "--init", args.init or tmp, "--device", "cpu", "--batch-size",
+            Tokenizer(task.DATA_DIR).save(tmp)  # the built-in tokenizer the default config's vocabulary fits
+        argv = ["--stage", "grpo", "--init", args.init or tmp, "--device", args.device, "--batch-size",
                 str(args.grpo_prompts), "--group-size", str(args.group_size), "--kl-coef", "0.04"]
         pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
+    grpo_step_report(pargs, ctx, args.reps)
+
+
+def grpo_step_report(pargs, ctx, reps):
+    """Time the phases of reps GRPO steps (after a warm-up step) and print their medians."""
+    import posttrain
     policy = ctx["policy"]
     params = list(policy.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6)  # tiny lr: the step's cost, not its effect, is measured here
     phases = {"rollout": [], "old logps": [], "ref logps": [], "update": []}
-    for rep in range(args.reps + 1):  # the first run is a warm-up
-        t0 = time.perf_counter()
+
+    def clock():
+        if pargs.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    for rep in range(reps + 1):  # the first run is a warm-up
+        t0 = clock()
         _, _, _, roll = posttrain.sample_groups(ctx, pargs, policy)
-        t1 = time.perf_counter()
+        t1 = clock()
         roll["old_logps"] = posttrain.chunked_logps(policy, roll, pargs)
-        t2 = time.perf_counter()
+        t2 = clock()
         roll["ref_logps"] = posttrain.chunked_logps(ctx["ref"], roll, pargs)
-        t3 = time.perf_counter()
-        roll["adv"] = torch.randn(len(roll["old_logps"]))  # (B,) any advantages: the cost does not depend on them
+        t3 = clock()
+        roll["adv"] = torch.randn(len(roll["old_logps"]), device=roll["old_logps"].device)  # any advantages
         roll["w"] = roll["completion_mask"].sum(1)
         for _ in range(pargs.ppo_epochs):
             posttrain.accumulate_gradients(posttrain.STAGES["grpo"], ctx, pargs, roll, torch.arange(len(roll["w"])))
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = clock()
         if rep > 0:
             for key, t in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[key].append(t)
     total = sum(statistics.median(v) for v in phases.values())
     rows = len(roll["w"])
-    print(f"one GRPO step: {args.grpo_prompts} prompts x G={args.group_size} = {rows} completions, "
+    print(f"one GRPO step: {pargs.batch_size} prompts x G={pargs.group_size} = {rows} completions, "
           f"mean length {roll['completion_mask'].sum(1).float().mean():.1f} tokens, {pargs.ppo_epochs} passes, "
-          f"{torch.get_num_threads()} threads, median of {args.reps}")
+          f"{torch.get_num_threads()} threads, median of {reps}")
     for key, v in phases.items():
         print(f"  {key:10s} {statistics.median(v):7.3f} s  ({100 * statistics.median(v) / total:4.1f}%)")
     print(f"  {'total':10s} {total:7.3f} s")
+    return roll
 
 
-BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo}
+SMOLLM2_135M = GPTConfig(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                         max_seq_len=2048, rope_theta=100000.0, tie_embeddings=True)
+
+
+def peak_memory_gb(device):
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set on the CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports kB
+
+
+def bench_smollm2(args):
+    """One GRPO step of a randomly initialised model of SmolLM2-135M's shape (30 layers, width 576, 9 heads,
+    3 KV heads, vocabulary 49,152), by phase, with peak memory; then our sampler against transformers'
+    generate on the same weights and prompts. Prompts are the GSM8K-style rows of tests/fixtures/gsm through
+    that folder's small BPE tokenizer (the vocabulary is SmolLM2's size, the tokenizer is not SmolLM2's: no
+    weights or tokenizers can be downloaded here). A random model never says EOS, so every completion runs
+    --new-tokens: the step's cost at a fixed length."""
+    import posttrain
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT(SMOLLM2_135M).save_pretrained(tmp)
+        Tokenizer(os.path.join(fixtures, "qwen2")).save(tmp)
+        argv = ["--stage", "grpo", "--init", tmp, "--device", args.device, "--task", "answer",
+                "--data-dir", os.path.join(fixtures, "gsm"), "--batch-size", str(args.grpo_prompts),
+                "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens),
+                "--micro-batch-size", str(args.grpo_prompts * args.group_size), "--kl-coef", "0.04",
+                "--ppo-epochs", "1"] + (["--dtype", "bf16"] if args.device == "cuda" else [])
+        pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
+    print(f"SmolLM2-135M shape: {ctx['policy'].num_params() / 1e6:.1f}M parameters, {args.device}")
+    before = peak_memory_gb(args.device)
+    roll = grpo_step_report(pargs, ctx, args.reps)
+    print(f"  peak memory {peak_memory_gb(args.device):.2f} GB (after loading the models: {before:.2f} GB)")
+    # the sampler alone, against transformers' generate on the same weights and the same left-padded prompts
+    hf = load_hf(ctx["policy"].cpu()) if args.device == "cpu" else None
+    if hf is None:
+        print("  transformers not installed (or not on the CPU): no generate comparison")
+        return
+    # the rollout's prompts, left padding removed: ours pads them again, HF reads the mask
+    prompts = [ids[-int(m.sum()):] for ids, m in zip(roll["prompt_ids"].tolist(), roll["prompt_mask"])]
+    ids, mask = roll["prompt_ids"], roll["prompt_mask"]
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+                  eos_token_id=None, pad_token_id=0)
+    fns = {"ours": lambda: sample(ctx["policy"], prompts, args.new_tokens, temperature=1.0, generator=gen),
+           "hf": torch.inference_mode()(lambda: hf.generate(ids, **kwargs))}
+    secs = median_times(fns, args.reps)
+    n = len(prompts) * args.new_tokens
+    print(f"  sampler, {len(prompts)} rows x {args.new_tokens} new tokens: ours {n / secs['ours']:.0f} tok/s, "
+          f"transformers generate {n / secs['hf']:.0f} tok/s, ours/HF {secs['hf'] / secs['ours']:.2f}x")
+
+
+BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2}
 
 
 def main():
@@ -148,6 +222,7 @@ def main():
     parser.add_argument("--what", choices=sorted(BENCHMARKS), default="sampler", help="which benchmark to run")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--reps", type=int, default=5, help="timed runs per figure (median reported)")
+    parser.add_argument("--device", default="cpu", help="grpo, smollm2: cpu or cuda (cuda runs bf16 autocast)")
     # sampler
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64, 256], help="sampler batch sizes")
     parser.add_argument("--prompt-len", type=int, default=16, help="sampler prompt length")
@@ -156,6 +231,7 @@ def main():
     parser.add_argument("--init", default=None, help="grpo: checkpoint folder of the policy (default: random)")
     parser.add_argument("--grpo-prompts", type=int, default=16, help="grpo: prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="grpo: completions per prompt")
+    # smollm2 uses --grpo-prompts, --group-size and --new-tokens
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     BENCHMARKS[args.what](args)

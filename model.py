@@ -1,5 +1,5 @@
 """
-A compact decoder of the Llama family (Llama, Qwen2, SmolLM, Mistral without sliding window), written
+A compact decoder of the Llama family (Llama, Qwen2, Qwen3, SmolLM, Mistral without sliding window), written
 bottom-up in the manner of nanoGPT: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, block,
 config, model.
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
@@ -71,20 +72,28 @@ class Attention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx  # which slot of the KV cache is ours
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        kv_dim = self.n_kv_head * self.head_dim
-        # Qwen2 has biases on q, k, v (not on o); Llama has none
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.qkv_bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        # Qwen2 has biases on q, k, v (not on o); Llama and Qwen3 have none
+        self.q_proj = nn.Linear(config.n_embd, q_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.n_embd, bias=False)
+        if config.qk_norm:
+            # Qwen3: an RMSNorm over each head's hs features, shared by the heads, bounds attention logits
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, D = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            # before RoPE, as HF's Qwen3: the per-feature weight does not commute with the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             # store this step's keys/values, attend over everything stored so far
@@ -94,8 +103,8 @@ class Attention(nn.Module):
         # query heads read one k/v head without materialising repeated copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.o_proj(y)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hs), not D in Qwen3
+        return self.o_proj(y)  # (B, T, D)
 
 
 class MLP(nn.Module):
@@ -134,7 +143,7 @@ class KVCache:
     """
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hs)
         self.max_len = max_len
@@ -152,6 +161,10 @@ class KVCache:
 # the model
 
 
+# the HF class of each model_type; save_pretrained picks qwen3 by qk_norm, qwen2 by qkv_bias
+ARCHITECTURES = dict(llama="LlamaForCausalLM", qwen2="Qwen2ForCausalLM", qwen3="Qwen3ForCausalLM")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 18
@@ -164,15 +177,24 @@ class GPTConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     qkv_bias: bool = False  # True = Qwen2
+    qk_norm: bool = False  # True = Qwen3: RMSNorm on each head of q and k
+    head_dim: int | None = None  # None = n_embd // n_head; Qwen3's differs (0.6B: 1024 / 16 heads, 128)
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     score_head: bool = False  # scalar head for value / reward / process-reward models
+
+    def __post_init__(self):
+        # resolved here, so every user reads one int and a config equals its save / load round trip
+        if self.head_dim is None:
+            assert self.n_embd % self.n_head == 0, "n_embd must divide by n_head unless head_dim is given"
+            self.head_dim = self.n_embd // self.n_head
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        assert config.n_head % config.n_kv_head == 0
         self.config = config
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing it (memory)
         # nn.ModuleDict named "model" so parameter names come out exactly as HF's "model.layers.0...."
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
@@ -186,7 +208,7 @@ class GPT(nn.Module):
         if config.score_head:
             self.score = nn.Linear(config.n_embd, 1)
         # RoPE tables for every position, computed once; non-persistent so they never enter a checkpoint
-        cos, sin = rope_tables(config.n_embd // config.n_head, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, hs)
         self.apply(self._init_weights)
@@ -232,7 +254,11 @@ class GPT(nn.Module):
 
         x = self.model.embed_tokens(idx)  # (B, T, D)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and cache is None and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward pass
+                x = checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)  # (B, T, D)
@@ -280,18 +306,20 @@ class GPT(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         c = self.config
-        # q/k/v biases without an o bias is Qwen2; HF Llama's attention_bias would put one on o_proj too
-        qwen = c.qkv_bias
+        # q/k/v biases without an o bias is Qwen2; HF Llama's and Qwen3's attention_bias put one on o_proj too
+        if c.qk_norm and c.qkv_bias:
+            raise ValueError("qk_norm with qkv_bias has no HF architecture (Qwen3's attention_bias biases o)")
+        model_type = "qwen3" if c.qk_norm else "qwen2" if c.qkv_bias else "llama"
         hf = dict(
-            architectures=["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
-            model_type="qwen2" if qwen else "llama",
+            architectures=[ARCHITECTURES[model_type]],
+            model_type=model_type,
             vocab_size=c.vocab_size,
             hidden_size=c.n_embd,
             intermediate_size=c.intermediate_size,
             num_hidden_layers=c.n_layer,
             num_attention_heads=c.n_head,
             num_key_value_heads=c.n_kv_head,
-            head_dim=c.n_embd // c.n_head,
+            head_dim=c.head_dim,
             hidden_act="silu",
             max_position_embeddings=c.max_seq_len,
             rms_norm_eps=c.rms_norm_eps,
@@ -301,8 +329,10 @@ class GPT(nn.Module):
             tie_word_embeddings=c.tie_embeddings,
             torch_dtype="float32",
         )
-        if not qwen:
-            hf.update(attention_bias=False, mlp_bias=False)
+        if model_type != "qwen2":
+            hf.update(attention_bias=False)
+        if model_type == "llama":
+            hf.update(mlp_bias=False)
         if c.score_head:
             hf["score_head"] = True
         if tokenizer_path is not None:
@@ -321,10 +351,11 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, score_head=None, device="cpu"):
-        """Load an HF Llama / Qwen2 folder (model.safetensors or a sharded model.safetensors.index.json).
+        """Load an HF Llama / Qwen2 / Qwen3 folder (model.safetensors, or shards listed in
+        model.safetensors.index.json).
 
         score_head: None = as the folder says; True = attach a score head, zero-initialised if the folder has
-        none (e.g. a value model started from a policy); False = drop it.
+        none (e.g. a value model started from a policy); False = drop it, ignoring score.* in the checkpoint.
         """
         folder = Path(folder)
         config_file = folder / "config.json"
@@ -337,17 +368,21 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{config_file}: missing {', '.join(missing)}")
         arch = (hf.get("architectures") or ["(none)"])[0]
-        if arch not in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-            raise ValueError(f"{config_file}: unsupported architecture {arch}, expected Llama or Qwen2")
+        if arch not in ARCHITECTURES.values():
+            raise ValueError(f"{config_file}: unsupported architecture {arch}, "
+                             f"expected one of {', '.join(ARCHITECTURES.values())}")
+        qwen2, qwen3 = arch == ARCHITECTURES["qwen2"], arch == ARCHITECTURES["qwen3"]
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+        # an explicit head_dim may differ from hidden / heads (it does in Qwen3); for a missing one HF's Qwen3
+        # takes 128, the others hidden / heads
+        head_dim = hf.get("head_dim") or (128 if qwen3 else hf["hidden_size"] // hf["num_attention_heads"])
         unsupported = [
             ("hidden_act", hf.get("hidden_act", "silu") != "silu"),
             ("rope type", rope.get("rope_type", rope.get("type", "default")) != "default"),
-            ("attention_bias", arch == "LlamaForCausalLM" and hf.get("attention_bias", False)),
+            # Qwen2 always has q/k/v biases and no o bias; elsewhere attention_bias means all four
+            ("attention_bias", not qwen2 and hf.get("attention_bias", False)),
             ("mlp_bias", hf.get("mlp_bias", False)),
             ("sliding window", hf.get("use_sliding_window", False)),
-            ("head_dim", hf.get("head_dim", head_dim) != head_dim),  # we derive it as hidden / heads
         ]
         for what, bad in unsupported:
             if bad:
@@ -356,13 +391,15 @@ class GPT(nn.Module):
             vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"],
             n_head=hf["num_attention_heads"],
-            n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             n_embd=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            qkv_bias=arch == "Qwen2ForCausalLM",
+            qkv_bias=qwen2,
+            qk_norm=qwen3,
+            head_dim=head_dim,
             tie_embeddings=hf.get("tie_word_embeddings", False),
             score_head=hf.get("score_head", False) if score_head is None else score_head,
         )
@@ -370,7 +407,12 @@ class GPT(nn.Module):
         # which files hold the tensors: one file, or shards listed in an index {"weight_map": {name: file}}
         index_file = folder / "model.safetensors.index.json"
         if index_file.is_file():
-            files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            for name, file in weight_map.items():
+                # the entry, not its resolved path: HF's cache folders are symlinks into a blob store
+                if Path(file).is_absolute() or ".." in Path(file).parts:
+                    raise ValueError(f"{index_file}: entry {name}: {file} points outside the folder")
+            files = sorted(set(weight_map.values()))
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -380,8 +422,19 @@ class GPT(nn.Module):
             if not (folder / file).is_file():
                 raise ValueError(f"{folder}: {file} is missing")
             tensors.update(load_file(folder / file, device=str(device)))
+        params = model.state_dict()
+        # a tensor we would not read means config.json describes another model (say, fewer layers than the
+        # checkpoint has): refuse rather than run a truncated one. Exceptions: a tied lm_head some exporters
+        # write anyway, score.* when the caller asked to drop the head, and old exports' RoPE inv_freq buffers
+        ignored = [name for name in tensors if name not in params
+                   and not (name == "lm_head.weight" and config.tie_embeddings)
+                   and not (name.startswith("score.") and score_head is False)
+                   and not name.endswith("rotary_emb.inv_freq")]
+        if ignored:
+            raise ValueError(f"{folder}: tensor {sorted(ignored)[0]} in the checkpoint is not part of the "
+                             f"model that config.json describes ({len(ignored)} such tensors)")
         with torch.no_grad():
-            for name, param in model.state_dict().items():
+            for name, param in params.items():
                 if name == "lm_head.weight" and config.tie_embeddings:
                     continue  # the same tensor as model.embed_tokens.weight, loaded under that name
                 if name.startswith("score.") and name not in tensors:

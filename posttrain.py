@@ -31,12 +31,14 @@ from typing import Callable
 import torch
 
 import rollout
-from data import task
+from data import answer as answer_task
+from data import task as arith
+from data.tokenizer import Tokenizer
 from losses.advantages import gae, group_advantages, process_advantages, rloo_advantages
 from losses.common import IGNORE_INDEX, masked_mean, token_logprobs
 from losses.distill import generalized_jsd_loss, kl_distill_loss
 from losses.dpo import dpo_loss, reward_model_loss, simpo_loss
-from losses.policy import aggregate_loss, entropy_from_logits, kl_penalty, policy_loss, value_loss
+from losses.policy import aggregate_loss, kl_penalty, policy_loss, value_loss
 from losses.prm import prm_loss
 from losses.sft import sft_loss
 from model import GPT, GPTConfig
@@ -60,6 +62,13 @@ def get_args(argv=None):
     g.add_argument("--init", default=None,
                    help="checkpoint folder to start the first stage from (default: the previous stage's output)")
     g.add_argument("--data-dir", default=os.path.join(ROOT, "data"), help="folder of the task's JSONL files")
+    g.add_argument("--task", default="arith", choices=["arith", "answer"],
+                   help="arith: the built-in arithmetic task, with per-step labels; answer: the JSONL files of "
+                        "--data-dir, each prompt verified by the final number of its completion")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="show prompts through --prompt-template even when the model's folder has a chat template")
+    g.add_argument("--prompt-template", default="{prompt}",
+                   help="how a prompt is shown to a model without a chat template; {prompt} is replaced by it")
     g.add_argument("--seed", type=int, default=1337, help="seed for data order, sampling and init")
     # the model, used only when a stage starts from scratch (pretrain, pretrain-small)
     g = p.add_argument_group("model (from-scratch stages only)")
@@ -81,6 +90,9 @@ def get_args(argv=None):
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps before the cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each transformer block in the backward pass instead of storing its "
+                        "activations: less memory, about one more forward of time (trained models only)")
     # on-policy stages
     g = p.add_argument_group("on-policy (grpo, ppo, rft)")
     g.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
@@ -235,6 +247,16 @@ def check_stage_args(args, name):
         where = "ppo puts the KL in the reward" if name == "ppo" else "--kl-in reward"
         die(f"{where}, which needs --kl-kind k1, got --kl-kind {args.kl_kind}: only k1 in the reward has the "
             "policy gradient of KL(pi || ref); k2 and k3 belong in the loss (--kl-in loss)")
+    needs_steps = name == "prm" or (name in ("grpo", "ppo") and args.reward == "prm") or \
+        (name in ("dpo", "rm") and args.pairs == "self")
+    if args.task != "arith" and needs_steps:
+        what = "--reward prm" if name in ("grpo", "ppo") else "--pairs self" if name in ("dpo", "rm") else name
+        die(f"{what} needs per-step labels, which only --task arith has; --task {args.task} cannot use it")
+    if args.task != "arith" and args.init is None and STAGES[name].init is None:
+        die(f"--task {args.task} needs a model with a tokenizer for its text: pass --init FOLDER (the {name} stage "
+            "would start a model from scratch with the arithmetic task's character-level tokenizer)")
+    if "{prompt}" not in args.prompt_template:
+        die(f"--prompt-template must contain {{prompt}}, got {args.prompt_template!r}")
     if name == "grpo" and args.reward == "prm" and args.kl_in == "reward" and args.kl_coef > 0:
         die("grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); drop --kl-in reward")
 
@@ -266,23 +288,75 @@ def stages_to_train(user_args, names):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# data: the task's JSONL files, tokenised once per stage
+# the task: tokenizer, data files and verifier, in the one object every stage receives
 
 
-def read_rows(args, name, fields):
-    """Rows of DATA_DIR/<name>.jsonl; a malformed file ends the program with the reader's one-line error."""
-    path = os.path.join(args.data_dir, name + ".jsonl")
-    if not os.path.exists(path):
-        die(f"{path} not found (regenerate with: python -m data.task)")
+# what each data file holds; "answer" is an integer for --task arith, any number (or numeric string) for answer
+FIELDS = {"pretrain": {"text": str}, "sft": {"prompt": str, "completion": str},
+          "pairs": {"prompt": str, "chosen": str, "rejected": str}, "rl": {"prompt": str, "answer": int},
+          "test": {"prompt": str, "answer": int}, "test_ood": {"prompt": str, "answer": int}}
+
+
+class Task:
+    """What a stage learns from and is judged by: its tokenizer, the data files, and the verifier.
+
+    --task arith   the built-in chained arithmetic (data/task.py). Its verifier also labels every worked
+                   step, which the process stages need (prm, grpo / ppo --reward prm, dpo --pairs self).
+    --task answer  any JSONL task whose rows have a numeric answer (data/answer.py): a completion is right iff
+                   its final number (after "####" if it has one) equals the row's answer.
+    The tokenizer is the one of the stage's init folder (the built-in character-level one for a model trained
+    from scratch); every text a stage reads is checked against it when its file is read.
+    """
+
+    def __init__(self, name, data_dir, tok):
+        self.name, self.data_dir, self.tok = name, data_dir, tok
+        self.answers = {}  # prompt -> its answer, from every {prompt, answer} file read so far (answer task)
+
+    def rows(self, name):
+        """Rows of DATA_DIR/<name>.jsonl; a missing or malformed file ends the program with one line."""
+        path = os.path.join(self.data_dir, name + ".jsonl")
+        if not os.path.exists(path):
+            hint = " (regenerate with: python -m data.task)" if self.name == "arith" else ""
+            die(f"{path} not found{hint}")
+        fields = dict(FIELDS[name])
+        if self.name == "answer" and "answer" in fields:
+            fields["answer"] = answer_task.answer_value
+        # the built-in tokenizer's check is the task's alphabet: the same test, without a tokenizer call
+        builtin = self.name == "arith" and self.tok.tok.get_vocab(with_added_tokens=True) == arith.VOCAB
+        try:
+            rows = arith.read_jsonl(path, fields, **({} if builtin else {"check_text": self.tok.check}))
+            if self.name == "arith" and "answer" in fields:
+                for r in rows:
+                    arith.parse_prompt(r["prompt"])  # ValueError unless it is an arithmetic prompt
+        except ValueError as e:
+            die(f"{path}: {e}" if str(e).startswith("not a task prompt") else f"{e}")
+        if not rows:
+            die(f"{path} has no rows")
+        self.answers.update((r["prompt"], r["answer"]) for r in rows if "answer" in r)
+        return rows
+
+    def verify(self, prompt, text, finished=True):
+        """The verifier's verdict on a completion's text, with the cut-off rule: a completion that never
+        emitted EOS (it reached --max-new-tokens or the model's context) is wrong, even if its text happens to
+        end in a right answer."""
+        if self.name == "arith":
+            v = arith.verify(prompt, text)
+        else:
+            v = arith.Verdict(answer_task.is_correct(text, self.answers[prompt]), None, [], [])
+        return dataclasses.replace(v, correct=v.correct and bool(finished))
+
+
+def load_task(args, folder):
+    """The Task of a stage whose model comes from `folder` (None: a new model, the built-in tokenizer)."""
     try:
-        return task.read_jsonl(path, fields)
+        tok = Tokenizer(folder or arith.DATA_DIR, chat=not args.no_chat_template,
+                        prompt_template=args.prompt_template)
     except ValueError as e:
         die(f"{e}")
-
-
-def prompt_ids(tok, prompt):
-    # every sequence starts with BOS; the completion follows the prompt directly
-    return [task.BOS] + task.encode(tok, prompt)
+    if folder is None and args.task != "arith":
+        die(f"--task {args.task} needs a model with a tokenizer for its text: pass --init FOLDER (a model "
+            f"trained from scratch uses the arithmetic task's character-level tokenizer, {tok.path})")
+    return Task(args.task, args.data_dir, tok)
 
 
 def pad_right(seqs, value):
@@ -315,25 +389,27 @@ def chunks(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def rl_prompts(args):
+def rl_prompts(task):
     """The prompts of rl.jsonl, where the on-policy stages (and the PRM's samples) come from."""
-    return [r["prompt"] for r in read_rows(args, "rl", {"prompt": str, "answer": int})]
+    return [r["prompt"] for r in task.rows("rl")]
 
 
-def training_prompts(args):
-    """Prompts of every length the held-out test has: sft.jsonl (2 to 5 operands) and rl.jsonl (5 to 6).
+def training_prompts(task):
+    """Prompts of every length the held-out test has: sft.jsonl (2 to 5 operands) and rl.jsonl (5 to 6);
+    for --task answer, rl.jsonl's alone (the prompts with an answer to verify samples against).
 
     Only the prompts: stages that generate their own trajectories from them (dpo --pairs self, distill) never
     read the files' solutions. rl.jsonl alone holds only the longest chains, where an sft model gets few
     samples right: too few good samples to learn from.
     """
-    prompts = [r["prompt"] for r in read_rows(args, "sft", {"prompt": str, "completion": str})]
-    return prompts + rl_prompts(args)
+    if task.name == "answer":
+        return rl_prompts(task)
+    return [r["prompt"] for r in task.rows("sft")] + rl_prompts(task)
 
 
-def heldout_problems(args, split=None):
+def heldout_problems(task, args, split=None):
     """The first --eval-problems rows {prompt, answer} of the held-out split (--eval-split unless named)."""
-    return read_rows(args, split or args.eval_split, {"prompt": str, "answer": int})[:args.eval_problems]
+    return task.rows(split or args.eval_split)[:args.eval_problems]
 
 
 def prompt_source(prompts, args):
@@ -346,7 +422,7 @@ def prompt_source(prompts, args):
 # checkpoints: HF folder layout (config.json + model.safetensors + tokenizer.json) + our JSON, written atomically
 
 
-def save_checkpoint(folder, model, args, metrics, evals):
+def save_checkpoint(folder, model, tok, args, metrics, evals):
     """Write the whole folder under a temporary name, then rename it into place.
 
     An interrupted run therefore leaves either the old folder or the new one, never a half-written one
@@ -355,7 +431,8 @@ def save_checkpoint(folder, model, args, metrics, evals):
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    model.save_pretrained(tmp, tokenizer_path=os.path.join(ROOT, "data", "tokenizer.json"))
+    model.save_pretrained(tmp, tokenizer_path=tok.path)
+    tok.save(tmp)  # all of the tokenizer's files (config, chat template), so the folder loads with them
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump({k: v for k, v in vars(args).items() if not callable(v)}, f, indent=1)
     with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
@@ -400,15 +477,8 @@ def ensure_stage_output(user_args, name):
 # old policy, the reference, the policy in training and a teacher alike, comes from rollout.completion_logps.
 
 
-def verify_finished(prompt, text, finished):
-    """task.verify, with the cut-off rule: a completion that never emitted EOS (it reached --max-new-tokens or
-    the model's context) is wrong, even if its text happens to end in a right "#<answer>"."""
-    v = task.verify(prompt, text)
-    return dataclasses.replace(v, correct=v.correct and bool(finished))
-
-
 @torch.no_grad()
-def sample_and_verify(model, tok, prompts, args, temperature, generator):
+def sample_and_verify(model, task, prompts, args, temperature, generator):
     """One completion for each prompt (text) from model, decoded and verified -> (texts, verdicts, roll).
 
     Every stage that samples comes through here (rollouts, eval, self-generated pairs, PRM data). roll holds
@@ -416,11 +486,12 @@ def sample_and_verify(model, tok, prompts, args, temperature, generator):
     the mask 1 up to and including EOS; sampler_logps (B, N), the sampler's own log-probs (a diagnostic);
     finished (B,) whether the row emitted EOS.
     """
-    s = rollout.generate(model, [prompt_ids(tok, p) for p in prompts], args.max_new_tokens,
-                         temperature=temperature, eos_id=task.EOS, generator=generator, pad_id=task.PAD,
+    tok = task.tok
+    s = rollout.generate(model, [tok.prompt_ids(p) for p in prompts], args.max_new_tokens,
+                         temperature=temperature, eos_id=tok.stop_ids, generator=generator, pad_id=tok.pad_id,
                          autocast=args.amp)
-    texts = [task.decode(tok, c) for c in s.completion_ids.tolist()]
-    verdicts = [verify_finished(p, t, done) for p, t, done in zip(prompts, texts, s.finished.tolist())]
+    texts = [tok.decode(c) for c in s.completion_ids.tolist()]
+    verdicts = [task.verify(p, t, done) for p, t, done in zip(prompts, texts, s.finished.tolist())]
     roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
             "completion_mask": s.completion_mask, "sampler_logps": s.logps, "finished": s.finished}
     return texts, verdicts, roll
@@ -430,11 +501,11 @@ def sample_groups(ctx, args, model):
     """Draw --batch-size prompts of ctx["prompts"] and sample --group-size completions of each with model (the
     rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify."""
     prompts = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size) for _ in range(args.group_size)]
-    texts, verdicts, roll = sample_and_verify(model, ctx["tok"], prompts, args, args.temperature, ctx["gen"])
+    texts, verdicts, roll = sample_and_verify(model, ctx["task"], prompts, args, args.temperature, ctx["gen"])
     return prompts, texts, verdicts, roll
 
 
-def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
+def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256):
     """n completions per prompt -> (correct (P, n) bool, P * n texts, P * n completion id lists).
 
     A prompt's n samples are consecutive. The id lists are the sampled tokens themselves, up to and
@@ -444,7 +515,7 @@ def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
     rows = [p for p in prompts for _ in range(n)]
     correct, texts, completions = [], [], []
     for i in range(0, len(rows), batch_rows):
-        t, verdicts, roll = sample_and_verify(model, tok, rows[i:i + batch_rows], args, temperature, gen)
+        t, verdicts, roll = sample_and_verify(model, task, rows[i:i + batch_rows], args, temperature, gen)
         texts += t
         correct += [v.correct for v in verdicts]
         lengths = roll["completion_mask"].sum(1).tolist()
@@ -455,11 +526,11 @@ def solve(model, tok, prompts, n, temperature, args, seed, batch_rows=256):
 def completion_rows(tok, prompts, completions, device):
     """Prompts (text) and completions (token ids, with their EOS if finished) -> the rollout tensors that
     sample_groups() returns: left-padded prompts, right-padded completions, masks."""
-    prompt_ids_, prompt_mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts], task.PAD)  # (B, P) x2
-    roll = {"prompt_ids": prompt_ids_, "prompt_mask": prompt_mask,
-            "completion_ids": pad_right(completions, task.PAD),  # (B, N)
+    prompt_ids, prompt_mask = rollout.left_pad([tok.prompt_ids(p) for p in prompts], tok.pad_id)  # (B, P) x2
+    roll = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": pad_right(completions, tok.pad_id),  # (B, N)
             "completion_mask": pad_right([[1] * len(c) for c in completions], 0),  # (B, N)
-            "finished": torch.tensor([task.EOS in c for c in completions])}  # (B,)
+            "finished": torch.tensor([c[-1:] != [] and c[-1] in tok.stop_ids for c in completions])}  # (B,)
     return {k: v.to(device) for k, v in roll.items()}
 
 
@@ -475,12 +546,14 @@ def chunked_logps(model, roll, args):
     return torch.cat(out)  # (B, N)
 
 
-def completion_forward(model, mb, args):
-    """Training forward over [prompt; completion] -> completion log-probs (B, N) and logits (B, N, V), fp32,
-    of logits / temperature: rollout.completion_logps, the one log-prob path, under the stage's autocast."""
+def completion_forward(model, mb, args, logits=False):
+    """Training forward over [prompt; completion] -> completion log-probs (B, N) and the entropy (B, N) of each
+    position, fp32, of logits / temperature (logits=True: the logits (B, N, V) in place of the entropy):
+    rollout.completion_logps, the one log-prob path, under the stage's autocast."""
     with args.amp():
         return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                        mb["completion_mask"], temperature=args.temperature, return_logits=True)
+                                        mb["completion_mask"], temperature=args.temperature,
+                                        return_entropy=not logits, return_logits=logits)
 
 
 def completion_scores(model, mb, args, shift=False):
@@ -512,13 +585,13 @@ def chunked_scores(model, roll, args, shift=False):
 # held-out pass@1 before and after a stage (greedy, and sampled at T=1), on the same problems
 
 
-def evaluate(model, tok, problems, args, seed=0):
+def evaluate(model, task, problems, args, seed=0):
     """Greedy and sampled (T=1) correctness per held-out problem."""
     prompts = [r["prompt"] for r in problems]
-    greedy = solve(model, tok, prompts, 1, 0.0, args, seed)[0]  # (P, 1)
+    greedy = solve(model, task, prompts, 1, 0.0, args, seed)[0]  # (P, 1)
     out = {"greedy": greedy[:, 0].float().tolist()}
     if args.eval_samples > 0:
-        sampled = solve(model, tok, prompts, args.eval_samples, 1.0, args, seed)[0]  # (P, n)
+        sampled = solve(model, task, prompts, args.eval_samples, 1.0, args, seed)[0]  # (P, n)
         out["sampled"] = sampled.float().mean(1).tolist()  # per-problem fraction solved
     return out
 
@@ -548,7 +621,7 @@ class Stage:
     role: str  # the survey's role: support expansion, policy reshaping, consolidation
     init: str | None  # the stage whose output is this stage's default starting point (None: from scratch)
     holds: str  # the models the stage keeps in memory
-    setup: Callable | None = None  # (args, policy, tok) -> ctx: data, and the frozen models the stage holds
+    setup: Callable | None = None  # (args, policy, task) -> ctx: data, and the frozen models the stage holds
     make_batch: Callable | None = None  # (ctx, args, step) -> (dict of row tensors incl. "w", logged stats)
     loss: Callable | None = None  # (ctx, args, micro-batch) -> (scalar loss, dict of metrics)
     defaults: dict = field(default_factory=dict)  # the stage's values for flags left unset
@@ -578,20 +651,20 @@ STAGES = {}  # name -> Stage, in pipeline order; `--stage -h` lists them, the ev
 #   4. A fixed number of steps per round (--steps / --rounds) instead of training each round to convergence.
 
 
-def setup_pretrain(args, policy, tok):
-    rows = read_rows(args, "pretrain", {"text": str})
-    seqs = [[task.BOS] + ids + [task.EOS] for ids in (e.ids for e in tok.encode_batch([r["text"] for r in rows]))]
-    return {"seqs": seqs, "n_prompt": [1] * len(seqs), "order": Shuffler(len(seqs), args.seed)}
+def setup_pretrain(args, policy, task):
+    # every token is a target; the first (BOS, if the tokenizer has one) never is, having no predecessor
+    seqs = task.tok.documents([r["text"] for r in task.rows("pretrain")])
+    return {"seqs": seqs, "n_prompt": [1] * len(seqs), "order": Shuffler(len(seqs), args.seed),
+            "pad": task.tok.pad_id}
 
 
-def setup_sft(args, policy, tok):
-    rows = read_rows(args, "sft", {"prompt": str, "completion": str})
+def setup_sft(args, policy, task):
     seqs, n_prompt = [], []
-    for r in rows:
-        p = prompt_ids(tok, r["prompt"])
-        seqs.append(p + task.encode(tok, r["completion"]) + [task.EOS])
+    for r in task.rows("sft"):
+        p = task.tok.prompt_ids(r["prompt"])
+        seqs.append(p + task.tok.completion_ids(r["completion"]))
         n_prompt.append(len(p))
-    return {"seqs": seqs, "n_prompt": n_prompt, "order": Shuffler(len(seqs), args.seed)}
+    return {"seqs": seqs, "n_prompt": n_prompt, "order": Shuffler(len(seqs), args.seed), "pad": task.tok.pad_id}
 
 
 def lm_stage_batch(ctx, args, step):
@@ -601,7 +674,7 @@ def lm_stage_batch(ctx, args, step):
 def lm_batch(ctx, args, step):
     """Right-padded ids and labels; labels are IGNORE_INDEX on the prompt (incl. BOS) and on padding."""
     idx = ctx["order"].take(args.batch_size)
-    ids = pad_right([ctx["seqs"][i] for i in idx], task.PAD)  # (B, T)
+    ids = pad_right([ctx["seqs"][i] for i in idx], ctx["pad"])  # (B, T)
     labels = pad_right([ctx["seqs"][i] for i in idx], IGNORE_INDEX)  # (B, T)
     for row, i in enumerate(idx):
         labels[row, :ctx["n_prompt"][i]] = IGNORE_INDEX  # no loss, hence no gradient, on prompt tokens
@@ -610,10 +683,16 @@ def lm_batch(ctx, args, step):
 
 
 def lm_loss(ctx, args, mb):
+    model = ctx["policy"]
     # right padding needs no attention mask: causal attention never lets a real token see the pads after it
     with args.amp():
-        logits = ctx["policy"](mb["ids"])  # (B, T, V)
-    return sft_loss(logits, mb["labels"]), {}
+        hidden = model(mb["ids"], return_hidden=True)  # (B, T, D)
+        # the LM head a few rows at a time: each chunk's token mean, weighted by its share of the labelled
+        # tokens, sums to the token mean of the whole micro-batch (with one chunk, sft_loss itself)
+        n = (mb["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (B,)
+        parts = rollout.over_head_chunks(lambda logits, labels, n_rows: sft_loss(logits, labels) * (
+            n_rows.sum() / n.sum().clamp(min=1)), model, hidden, mb["labels"], n)
+    return sum(parts), {}
 
 STAGES["pretrain"] = Stage(
     regime="off-policy", role="support (base model)", init=None, holds="policy",
@@ -627,9 +706,9 @@ STAGES["sft"] = Stage(
                   log_every=50))
 
 
-def setup_rft(args, policy, tok):
+def setup_rft(args, policy, task):
     # not setup_grpo: RFT needs neither a reference nor a --reward scorer, only prompts and a generator
-    return {**prompt_source(rl_prompts(args), args), "round": 0,
+    return {**prompt_source(rl_prompts(task), args), "round": 0,
             "steps_per_round": math.ceil(args.steps / args.rounds)}
 
 
@@ -638,7 +717,7 @@ def rft_batch(ctx, args, step):
     current policy; the verified-correct ones (deduplicated) replace the SFT set, and the steps until the next
     round are plain SFT batches of it (lm_loss: the prompt is masked). A round that keeps nothing gives empty
     batches, which the loop skips."""
-    tok, stats = ctx["tok"], {}
+    tok, stats = ctx["task"].tok, {}
     if step % ctx["steps_per_round"] == 0:
         prompts, texts, verdicts = [], [], []
         # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
@@ -646,9 +725,9 @@ def rft_batch(ctx, args, step):
             p, t, v, _ = sample_groups(ctx, args, ctx["policy"])
             prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
         kept = rft_keep(prompts, texts, verdicts)
-        seqs = [prompt_ids(tok, p) + task.encode(tok, c) + [task.EOS] for p, c in kept]
-        ctx["data"] = {"seqs": seqs, "n_prompt": [len(prompt_ids(tok, p)) for p, _ in kept],
-                       "order": Shuffler(len(seqs), args.seed + step)}
+        seqs = [tok.prompt_ids(p) + tok.completion_ids(c) for p, c in kept]
+        ctx["data"] = {"seqs": seqs, "n_prompt": [len(tok.prompt_ids(p)) for p, _ in kept],
+                       "order": Shuffler(len(seqs), args.seed + step), "pad": tok.pad_id}
         ctx["round"] += 1
         ctx["round_stats"] = {"round": ctx["round"], "kept_distinct": len(kept),
                               "kept_frac": sum(v.correct for v in verdicts) / len(verdicts),
@@ -705,35 +784,43 @@ STAGES["rft"] = Stage(
 #      reward normalisation (InstructGPT shifts the reward so that demonstrations score 0 on average).
 
 
-def setup_dpo(args, policy, tok):
+def setup_dpo(args, policy, task):
     """Training and held-out pairs, and the frozen reference's log-probs of both (not for simpo), computed once
     here by a copy of the init that is then freed."""
     if args.beta is None:
         # SimPO's beta scales an average log-prob, DPO's a sum
         args.beta = 2.0 if args.loss_type == "simpo" else 0.1
-    ctx = setup_pairs(args, policy, tok)
+    ctx = setup_pairs(args, policy, task)
     if args.loss_type != "simpo":  # SimPO has no reference
         ref = load_model(args.init_folder, args.device).eval().requires_grad_(False)
         for split in (ctx["train"], ctx["heldout"]):
-            split["ref_chosen_logps"], split["ref_rejected_logps"] = pair_logps(ref, split["pairs"], args)
+            split["ref_chosen_logps"], split["ref_rejected_logps"] = pair_logps(ref, split, args)
         del ref  # never needed again
     return ctx
 
 
-def setup_pairs(args, policy, tok):
+def setup_pairs(args, policy, task):
     """Training pairs (--pairs given or self) and held-out pairs, tokenised; dpo and rm share this."""
+    heldout = None
     if args.pairs == "self":
-        train = self_pairs(args, policy, tok)
+        train = self_pairs(args, policy, task)
+    elif task.name == "arith":
+        train = encode_pairs(task.tok, task.rows("pairs"))
     else:
-        train = encode_pairs(tok, read_rows(args, "pairs", {"prompt": str, "chosen": str, "rejected": str}))
+        # no generator of held-out pairs for a task of given files: hold out the last tenth of pairs.jsonl
+        rows = task.rows("pairs")
+        cut = len(rows) - len(rows) // 10
+        train, heldout = encode_pairs(task.tok, rows[:cut]), encode_pairs(task.tok, rows[cut:])
     if not train:
         die("no preference pairs (--pairs self: no prompt got both a correct and a wrong sample; raise "
             "--pair-prompts or --group-size)")
-    return {"train": {"pairs": train}, "heldout": {"pairs": heldout_pairs(args, tok)},
+    heldout = heldout_pairs(task, args) if heldout is None else heldout
+    pad = task.tok.pad_id
+    return {"train": {"pairs": train, "pad": pad}, "heldout": {"pairs": heldout, "pad": pad},
             "order": Shuffler(len(train), args.seed)}
 
 
-def self_pairs(args, policy, tok):
+def self_pairs(args, policy, task):
     """Pairs from the init policy's own samples: per prompt, a fully correct sample vs a wrong one.
 
     --group-size samples for each of --pair-prompts prompts (training_prompts, a seeded draw), sampled once,
@@ -744,10 +831,10 @@ def self_pairs(args, policy, tok):
     generated.
     """
     rng = random.Random(args.seed)
-    pool = training_prompts(args)
+    pool = training_prompts(task)
     prompts, G = rng.sample(pool, min(args.pair_prompts, len(pool))), args.group_size
-    correct, texts, completions = solve(policy, tok, prompts, G, args.temperature, args, args.seed)
-    n_ops = [len(task.parse_prompt(p).ops) for p in prompts]
+    correct, texts, completions = solve(policy, task, prompts, G, args.temperature, args, args.seed)
+    n_ops = [len(arith.parse_prompt(p).ops) for p in prompts]
     pairs, n_clean = [], 0
     for i, prompt in enumerate(prompts):
         good, bad = [], []
@@ -758,7 +845,7 @@ def self_pairs(args, policy, tok):
                 good.append(completions[j])
         n_clean += len(good)
         if good and bad:  # a prompt the policy always (or never) solves gives no pair
-            pairs.append((prompt_ids(tok, prompt), rng.choice(good), rng.choice(bad)))
+            pairs.append((task.tok.prompt_ids(prompt), rng.choice(good), rng.choice(bad)))
     print(f"[pairs] self: {len(pairs)} pairs from {len(prompts)} prompts x {G} samples ({correct.sum()} "
           f"samples correct, {n_clean} of them with every step right)")
     return pairs
@@ -766,37 +853,36 @@ def self_pairs(args, policy, tok):
 
 def encode_pairs(tok, rows):
     """Text pairs [{"prompt", "chosen", "rejected"}] -> [(prompt ids, chosen ids, rejected ids)], + EOS."""
-    return [(prompt_ids(tok, r["prompt"]), task.encode(tok, r["chosen"]) + [task.EOS],
-             task.encode(tok, r["rejected"]) + [task.EOS]) for r in rows]
+    return [(tok.prompt_ids(r["prompt"]), tok.completion_ids(r["chosen"]), tok.completion_ids(r["rejected"]))
+            for r in rows]
 
 
-def heldout_pairs(args, tok):
+def heldout_pairs(task, args):
     """Held-out pairs on the --eval-split prompts: the clean worked solution vs a corrupted one."""
-    rows = heldout_problems(args)
     rng = random.Random(0)  # the same held-out pairs in every run, whatever --seed
-    problems = [task.parse_prompt(r["prompt"]) for r in rows]
-    rows = [{"prompt": p.prompt, "chosen": task.solution(p), "rejected": task.corrupt(p, rng)}
+    problems = [arith.parse_prompt(r["prompt"]) for r in heldout_problems(task, args)]
+    rows = [{"prompt": p.prompt, "chosen": arith.solution(p), "rejected": arith.corrupt(p, rng)}
             for p in problems]
-    return encode_pairs(tok, rows)
+    return encode_pairs(task.tok, rows)
 
 
 @torch.no_grad()
-def pair_logps(model, pairs, args):
+def pair_logps(model, split, args):
     """Summed completion log-probs of every pair's chosen and of its rejected completion: two (N,) tensors."""
     chosen, rejected = [], []
-    for sl in chunks(len(pairs), args.micro_batch_size):
-        b = pair_batch({"pairs": pairs}, list(range(sl.start, sl.stop)), args.device)
+    for sl in chunks(len(split["pairs"]), args.micro_batch_size):
+        b = pair_batch({"pairs": split["pairs"], "pad": split["pad"]}, list(range(sl.start, sl.stop)), args.device)
         chosen.append(sequence_logps(model, b["chosen_ids"], b["chosen_mask"], args).cpu())
         rejected.append(sequence_logps(model, b["rejected_ids"], b["rejected_mask"], args).cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 
 def pair_batch(split, idx, device):
-    """Pairs idx of a split {"pairs", optional "ref_chosen_logps", "ref_rejected_logps"} -> row tensors."""
+    """Pairs idx of a split {"pairs", "pad", optional "ref_chosen_logps", "ref_rejected_logps"} -> row tensors."""
     pairs = split["pairs"]
     batch = {}
     for side, k in (("chosen", 1), ("rejected", 2)):
-        batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], task.PAD)  # (B, T)
+        batch[side + "_ids"] = pad_right([pairs[i][0] + pairs[i][k] for i in idx], split["pad"])  # (B, T)
         # 1 on the completion's tokens, EOS included; 0 on BOS, the prompt and padding, for policy and reference alike
         batch[side + "_mask"] = pad_right([[0] * len(pairs[i][0]) + [1] * len(pairs[i][k]) for i in idx], 0)
     for key in ("ref_chosen_logps", "ref_rejected_logps"):
@@ -808,11 +894,14 @@ def pair_batch(split, idx, device):
 
 def sequence_logps(model, ids, mask, args):
     """Summed completion log-probs (B,) of right-padded ids (B, T); mask (B, T) is 1 on completion tokens."""
+    def summed(logits, ids, mask):
+        logps = token_logprobs(logits, ids)  # (b, T-1): column t is the log-prob of token t+1
+        # the mask shifts with the tokens: prompt and padding add exactly 0, to policy and reference alike
+        return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (b,)
+
     with args.amp():
-        logits = model(ids)  # (B, T, V); right padding needs no attention mask (see lm_loss)
-    logps = token_logprobs(logits, ids)  # (B, T-1): column t is the log-prob of token t+1
-    # the mask shifts with the tokens: prompt and padding add exactly 0, to the policy and the reference alike
-    return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (B,)
+        hidden = model(ids, return_hidden=True)  # (B, T, D); right padding needs no attention mask (lm_loss)
+        return torch.cat(rollout.over_head_chunks(summed, model, hidden, ids, mask))  # (B,)
 
 
 def pair_stage_batch(ctx, args, step):
@@ -876,9 +965,9 @@ STAGES["dpo"] = Stage(
                   log_every=10))
 
 
-def setup_rm(args, policy, tok):
+def setup_rm(args, policy, task):
     """The same pairs as dpo (--pairs given or self); no reference: the head starts at 0."""
-    return setup_pairs(args, policy, tok)
+    return setup_pairs(args, policy, task)
 
 
 def rm_loss(ctx, args, mb):
@@ -970,8 +1059,8 @@ STAGES["rm"] = Stage(
 #   6. The value loss is aggregated with --loss-agg, like the policy loss (as verl does).
 
 
-def setup_grpo(args, policy, tok):
-    ctx = prompt_source(rl_prompts(args), args)
+def setup_grpo(args, policy, task):
+    ctx = prompt_source(rl_prompts(task), args)
     # the frozen reference is a second copy of the init weights; same code path, so KL is exactly 0 at step 0.
     # Held even at --kl-coef 0 (the default), when it only feeds the logged kl_ref, at the cost of one forward
     # per batch: how far the policy has drifted from its init is the first thing to watch in an RL run.
@@ -1036,7 +1125,7 @@ def grpo_batch(ctx, args, step):
 
 def grpo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
-    logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
+    logps, entropy = completion_forward(ctx["policy"], mb, args)  # (B, N) each
     # Dr. GRPO's constant normaliser is the generation budget, the same for every batch
     loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
                                 clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
@@ -1046,7 +1135,7 @@ def grpo_loss(ctx, args, mb):
         # GRPO eq. 3 puts the KL inside the same 1/|o_i| sum as the surrogate: aggregate it the same way, or
         # its weight would change with the micro-batch size under a sequence-level --loss-agg
         loss = loss + args.kl_coef * aggregate_loss(kl, mask, args.loss_agg, norm_len=args.max_new_tokens)
-    metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
+    metrics["entropy"] = masked_mean(entropy, mask).item()
     return loss, metrics
 
 STAGES["grpo"] = Stage(
@@ -1057,9 +1146,9 @@ STAGES["grpo"] = Stage(
                   dynamic_sampling=True, log_every=5))
 
 
-def setup_ppo(args, policy, tok):
+def setup_ppo(args, policy, task):
     # prompts, their order, the sampler's generator, the frozen reference, the --reward scorer
-    ctx = setup_grpo(args, policy, tok)
+    ctx = setup_grpo(args, policy, task)
     # The critic is a SEPARATE copy of the init weights with a zero-initialised score head (InstructGPT,
     # OpenRLHF), not a value head on the policy's trunk. A shared trunk is cheaper, but then value and policy
     # gradients pull on the same weights, and the value loss's scale (vf_coef) becomes a policy
@@ -1123,7 +1212,7 @@ def masked_var(x, mask):
 
 def ppo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
-    logps, logits = completion_forward(ctx["policy"], mb, args)  # (B, N), (B, N, V)
+    logps, entropy = completion_forward(ctx["policy"], mb, args)  # (B, N) each
     loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
                                 clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
                                 norm_len=args.max_new_tokens)
@@ -1133,7 +1222,7 @@ def ppo_loss(ctx, args, mb):
     v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip,
                         loss_agg=args.loss_agg, norm_len=args.max_new_tokens)
     metrics["value_loss"] = v_loss.detach()
-    metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask).item()
+    metrics["entropy"] = masked_mean(entropy, mask).item()
     return loss + args.vf_coef * v_loss, metrics
 
 STAGES["ppo"] = Stage(
@@ -1221,7 +1310,7 @@ def learned_rewards(ctx, args, roll, stats):
     return seq_rewards, {"rewards": step_rewards, "ends": ends, "mask": step_mask}
 
 
-STEP_END = task.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
+STEP_END = arith.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
 
 
 def step_positions(completion_ids, completion_mask):
@@ -1232,22 +1321,23 @@ def step_positions(completion_ids, completion_mask):
     step_mask (B, S), padded with 0 on the right (S = most steps in the batch).
     """
     real = completion_mask.bool()  # (B, N)
-    is_end = real & ((completion_ids == STEP_END) | (completion_ids == task.EOS))  # (B, N)
+    is_end = real & ((completion_ids == STEP_END) | (completion_ids == arith.EOS))  # (B, N)
     rows = [torch.nonzero(row).squeeze(1).tolist() for row in is_end.cpu()]
     ends = pad_right(rows + [[0]], 0)[:-1]  # (B, S); the dummy last row makes S >= 1
     step_mask = pad_right([[1] * len(r) for r in rows] + [[0]], 0)[:-1]  # (B, S)
     return ends.to(completion_ids.device), step_mask.to(completion_ids.device)
 
 
-def setup_prm(args, policy, tok):
-    ctx = prompt_source(rl_prompts(args), args)
+def setup_prm(args, policy, task):
+    tok = task.tok
+    ctx = prompt_source(rl_prompts(task), args)
     if args.prm_data == "samples" or args.prm_labels == "mc":
         # the frozen init policy: it writes the training completions (the PRM must judge the steps and
         # mistakes of the policy it will reward) and, with --prm-labels mc, the rollouts that estimate the
         # labels
         ctx["sampler"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
     if args.prm_data == "pretrain":
-        texts = read_rows(args, "pretrain", {"text": str})
+        texts = task.rows("pretrain")
         # "37+48-19=37+48=85;..." -> prompt up to and including the first '=', the rest is the completion
         ctx["solutions"] = [(r["text"][:r["text"].index("=") + 1], r["text"][r["text"].index("=") + 1:])
                             for r in texts]
@@ -1255,18 +1345,18 @@ def setup_prm(args, policy, tok):
     # Held-out steps, drawn once (fixed seed) so that before and after see the same ones: completions of the
     # same kind as the training data for the first --eval-problems held-out prompts, --eval-samples each: the
     # init policy's samples, or noisy worked solutions.
-    prompts = [r["prompt"] for r in heldout_problems(args) for _ in range(max(1, args.eval_samples))]
+    prompts = [r["prompt"] for r in heldout_problems(task, args) for _ in range(max(1, args.eval_samples))]
     ctx["heldout"] = None
     if prompts:
         if args.prm_data == "pretrain":
             rng = random.Random(0)
-            texts = [task.solution(task.parse_prompt(p), rng, task.PRETRAIN_ERROR_RATE) for p in prompts]
-            completions = [task.encode(tok, t) + [task.EOS] for t in texts]
+            texts = [arith.solution(arith.parse_prompt(p), rng, arith.PRETRAIN_ERROR_RATE) for p in prompts]
+            completions = [tok.completion_ids(t) for t in texts]
         else:
             n = max(1, args.eval_samples)
-            _, texts, completions = solve(ctx["sampler"], tok, prompts[::n], n, args.temperature, args, seed=0)
+            _, texts, completions = solve(ctx["sampler"], task, prompts[::n], n, args.temperature, args, seed=0)
         # mc labels estimate "can the policy still reach the answer from here?", which are the prefix labels
-        verdicts = [verify_finished(p, t, task.EOS in c) for p, t, c in zip(prompts, texts, completions)]
+        verdicts = [task.verify(p, t, tok.eos_id in c) for p, t, c in zip(prompts, texts, completions)]
         labels = [v.prefix_labels if args.prm_labels == "mc" else v.step_labels for v in verdicts]
         ctx["heldout"] = prm_rows(completion_rows(tok, prompts, completions, args.device), verdicts, labels)
     return ctx
@@ -1275,12 +1365,12 @@ def setup_prm(args, policy, tok):
 def prm_batch(ctx, args, step):
     """Fresh PRM training rows: sampled (or pretrain) completions, their step labels (--prm-labels) and the
     step end positions, via prm_rows."""
-    tok = ctx["tok"]
+    task = ctx["task"]
     if args.prm_data == "pretrain":
         rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
         prompts, texts = [p for p, _ in rows], [t for _, t in rows]
         verdicts = [task.verify(p, t) for p, t in rows]
-        roll = completion_rows(tok, prompts, [task.encode(tok, t) + [task.EOS] for t in texts], args.device)
+        roll = completion_rows(task.tok, prompts, [task.tok.completion_ids(t) for t in texts], args.device)
     else:
         # the frozen init writes the completions, not the PRM in training
         prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["sampler"])
@@ -1305,7 +1395,7 @@ def prm_rows(roll, verdicts, labels):
     ends, step_mask = step_positions(roll["completion_ids"], roll["completion_mask"])  # (B, S) each
     rows = []
     for b, (v, lab) in enumerate(zip(verdicts, labels)):
-        finished = bool((roll["completion_ids"][b] == task.EOS).any())
+        finished = bool((roll["completion_ids"][b] == arith.EOS).any())
         rows.append(list(lab) + [int(v.correct)] * finished)
         # ';' tokens before the EOS are exactly the ';' characters of the decoded text the verifier read
         assert len(rows[-1]) == int(step_mask[b].sum()), "step labels and step positions disagree"
@@ -1320,12 +1410,12 @@ def prm_rows(roll, verdicts, labels):
 def sample_continuations(ctx, args, prompts, prefixes):
     """Let the frozen init policy finish each prompt + prefix (a partial completion): full completion texts,
     and whether each ended with EOS."""
-    tok, model, texts, finished = ctx["tok"], ctx["sampler"], [], []
+    tok, model, texts, finished = ctx["task"].tok, ctx["sampler"], [], []
     for sl in chunks(len(prompts), 512):
-        ids = [prompt_ids(tok, p) + task.encode(tok, c) for p, c in zip(prompts[sl], prefixes[sl])]
-        s = rollout.generate(model, ids, args.max_new_tokens, temperature=args.temperature, eos_id=task.EOS,
-                             generator=ctx["gen"], pad_id=task.PAD, autocast=args.amp)
-        texts += [prefix + task.decode(tok, c) for prefix, c in zip(prefixes[sl], s.completion_ids.tolist())]
+        ids = [tok.prompt_ids(p) + tok.encode(c) for p, c in zip(prompts[sl], prefixes[sl])]
+        s = rollout.generate(model, ids, args.max_new_tokens, temperature=args.temperature, eos_id=tok.stop_ids,
+                             generator=ctx["gen"], pad_id=tok.pad_id, autocast=args.amp)
+        texts += [prefix + tok.decode(c) for prefix, c in zip(prefixes[sl], s.completion_ids.tolist())]
         finished += s.finished.tolist()
     return texts, finished
 
@@ -1344,7 +1434,7 @@ def mc_step_labels(prompts, texts, verdicts, complete, n):
         return labels
     reps = [job for job in jobs for _ in range(n)]  # n consecutive copies of each prefix
     full, finished = complete([prompts[i] for i, _ in reps], [prefix for _, prefix in reps])
-    hits = [done and task.verify(prompts[i], t).correct for (i, _), t, done in zip(reps, full, finished)]
+    hits = [done and arith.verify(prompts[i], t).correct for (i, _), t, done in zip(reps, full, finished)]
     for k, (i, _) in enumerate(jobs):
         labels[i].append(int(any(hits[k * n:(k + 1) * n])))
     return labels
@@ -1373,7 +1463,7 @@ def prm_evaluate(ctx, args):
     ctx["policy"].train()
     valid = batch["step_mask"].bool()  # (B, S)
     pred, label = (logits > 0)[valid], batch["step_labels"].bool()[valid]  # (K,) over all held-out steps
-    answer = (batch["completion_ids"].gather(1, batch["step_ends"]) == task.EOS)[valid]  # (K,) answer steps
+    answer = (batch["completion_ids"].gather(1, batch["step_ends"]) == arith.EOS)[valid]  # (K,) answer steps
 
     def acc(sel):
         return (pred[sel] == label[sel]).float().mean().item() if bool(sel.any()) else float("nan")
@@ -1414,20 +1504,22 @@ STAGES["prm"] = Stage(
 #   4. No temperature on the loss and no hard-label term (tau = 1, hence no tau^2 factor).
 
 
-def setup_distill(args, policy, tok):
+def setup_distill(args, policy, task):
     """The frozen teacher (--teacher, default OUT_DIR/grpo, built if missing) and the prompts of every length
     the held-out test has (training_prompts)."""
     if args.teacher is None:
         args.teacher = args.stage_output("grpo")  # OUT_DIR/grpo, trained first if missing
     teacher = load_model(args.teacher, args.device).eval().requires_grad_(False)
-    if teacher.config.vocab_size != policy.config.vocab_size:
-        die(f"teacher {args.teacher} has vocabulary {teacher.config.vocab_size}, "
-            f"the student {policy.config.vocab_size}; distillation needs one vocabulary")
+    # the KL compares the two models' distributions token by token: the same tokens must mean the same text
+    teacher_tok = load_task(args, args.teacher).tok
+    if teacher_tok.identity() != task.tok.identity() or teacher.config.vocab_size != policy.config.vocab_size:
+        die(f"the teacher's tokenizer {teacher_tok.path} (model vocabulary {teacher.config.vocab_size}) differs "
+            f"from the student's {task.tok.path} ({policy.config.vocab_size}); distillation needs one tokenizer")
     print(f"[distill] teacher {args.teacher}: {teacher.num_params() / 1e6:.2f}M parameters, "
           f"student {policy.num_params() / 1e6:.2f}M; mode {args.distill_mode}")
     # the student learns the teacher's distributions on prompts of every length, not on rl.jsonl's long chains
     # alone, which a teacher mostly gets wrong
-    return {"teacher": teacher, **prompt_source(training_prompts(args), args)}
+    return {"teacher": teacher, **prompt_source(training_prompts(task), args)}
 
 
 def distill_batch(ctx, args, step):
@@ -1446,9 +1538,9 @@ def distill_batch(ctx, args, step):
 
 def distill_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
-    _, logits = completion_forward(ctx["policy"], mb, args)  # (B, N, V) the student, at completion positions
+    _, logits = completion_forward(ctx["policy"], mb, args, logits=True)  # (B, N, V) the student
     with torch.no_grad():
-        _, teacher_logits = completion_forward(ctx["teacher"], mb, args)  # (B, N, V) the same positions
+        _, teacher_logits = completion_forward(ctx["teacher"], mb, args, logits=True)  # (B, N, V) same positions
     if args.distill_mode in ("forward", "reverse"):
         loss = kl_distill_loss(logits, teacher_logits, mask, direction=args.distill_mode)
     else:
@@ -1461,8 +1553,8 @@ def distill_loss(ctx, args, mb):
 def distill_evaluate(ctx, args):
     """The teacher's held-out pass@1 (computed once: it does not change) and both parameter counts."""
     if "teacher_eval" not in ctx:
-        problems = heldout_problems(args)
-        ev = evaluate(ctx["teacher"], ctx["tok"], problems, args) if problems else {}
+        problems = heldout_problems(ctx["task"], args)
+        ev = evaluate(ctx["teacher"], ctx["task"], problems, args) if problems else {}
         ctx["teacher_eval"] = {f"teacher_{k}": sum(v) / len(v) for k, v in ev.items()}
         ctx["teacher_eval"].update(teacher_params=float(ctx["teacher"].num_params()),
                                    student_params=float(ctx["policy"].num_params()))
@@ -1542,22 +1634,29 @@ def is_scorer(folder):
 
 def eval_checkpoints(args, folders, base):
     """The base, then each folder in order, on EVAL_SPLITS, one model in memory at a time -> a JSON dict."""
-    tok = task.load_tokenizer()
-    problems = {s: heldout_problems(args, s) for s in EVAL_SPLITS}
+    task = load_task(args, base)
+    # test_ood is the arithmetic task's; a data dir of another task may hold test.jsonl alone
+    splits = [s for s in EVAL_SPLITS if s == "test" or os.path.exists(os.path.join(args.data_dir, s + ".jsonl"))]
+    problems = {s: heldout_problems(task, args, s) for s in splits}
     results, base_samples = [], {}
     for folder in [base] + [f for f in folders if f != base]:
         t0 = time.time()
         model = load_model(folder, args.device, score_head=False).eval()
+        # KL to the base compares log-probs of the same token ids: every checkpoint must share its tokenizer
+        tok = load_task(args, folder).tok
+        if tok.identity() != task.tok.identity():
+            die(f"{tok.path} differs from the base's tokenizer {task.tok.path}; eval compares checkpoints of "
+                "one tokenizer")
         name = os.path.basename(os.path.normpath(folder))
         rec = {"name": name, "path": folder, "params": model.num_params()}
         for split, rows in problems.items():
-            out, samples = eval_split(model, tok, rows, args)
+            out, samples = eval_split(model, task, rows, args)
             if not results:  # this is the base: keep its samples, KL from it is measured on them
                 base_samples[split] = samples
             ref = base_samples[split]
             if results:
                 # KL(base || model): the model's log-probs of what the base wrote, against the base's own
-                model_lp = score_samples(model, tok, ref["prompts"], ref["completions"], args)[0]  # (P * n,)
+                model_lp = score_samples(model, task.tok, ref["prompts"], ref["completions"], args)[0]  # (P*n,)
             else:
                 model_lp = samples["seq_logps"]  # the base against itself: the same numbers, KL exactly 0
             out["kl_base"], out["kl_base_se"] = kl_estimate(ref["seq_logps"], model_lp)
@@ -1575,18 +1674,18 @@ def eval_checkpoints(args, folders, base):
             "problems": {s: len(r) for s, r in problems.items()}, "checkpoints": results}
 
 
-def eval_split(model, tok, problems, args):
+def eval_split(model, task, problems, args):
     """One model on one split: greedy, n samples per problem, pass@k, token entropy on its own samples.
 
     Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
     """
     prompts, n = [r["prompt"] for r in problems], args.eval_n
-    greedy = solve(model, tok, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
+    greedy = solve(model, task, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
     # every model samples with the same seed (common random numbers): differences between models then reflect
     # the models more than the luck of the draw
-    correct, _, completions = solve(model, tok, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
+    correct, _, completions = solve(model, task, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
     rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
-    seq_logps, entropy, n_tokens = score_samples(model, tok, rows, completions, args)  # 3 x (P * n,)
+    seq_logps, entropy, n_tokens = score_samples(model, task.tok, rows, completions, args)  # 3 x (P * n,)
     counts = correct.sum(1).tolist()  # per problem: correct samples out of n
     ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})  # 1, 2, 4, ..., n
     out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
@@ -1618,15 +1717,15 @@ def score_samples(model, tok, prompts, completions, args, batch_rows=256):
     seq_logps, entropy, n_tokens = [], [], []
     for i in range(0, len(prompts), batch_rows):
         chunk = completions[i:i + batch_rows]
-        ids, mask = rollout.left_pad([prompt_ids(tok, p) for p in prompts[i:i + batch_rows]], task.PAD,
+        ids, mask = rollout.left_pad([tok.prompt_ids(p) for p in prompts[i:i + batch_rows]], tok.pad_id,
                                      args.device)  # (b, P) left padded, as the sampler had them
         mb = {"prompt_ids": ids, "prompt_mask": mask,
-              "completion_ids": pad_right(chunk, task.PAD).to(args.device),  # (b, N)
+              "completion_ids": pad_right(chunk, tok.pad_id).to(args.device),  # (b, N)
               "completion_mask": pad_right([[1] * len(c) for c in chunk], 0).to(args.device)}  # (b, N)
-        logps, logits = completion_forward(model, mb, args)  # (b, N), (b, N, V)
+        logps, ent = completion_forward(model, mb, args)  # (b, N) each
         real = mb["completion_mask"] == 1  # (b, N)
         seq_logps.append(logps.masked_fill(~real, 0.0).sum(1).cpu())
-        entropy.append(entropy_from_logits(logits).masked_fill(~real, 0.0).sum(1).cpu())
+        entropy.append(ent.masked_fill(~real, 0.0).sum(1).cpu())
         n_tokens.append(real.sum(1).cpu())
     return torch.cat(seq_logps), torch.cat(entropy), torch.cat(n_tokens)
 
@@ -1653,7 +1752,7 @@ def support_change(before, after):
 
 
 def print_eval_table(res):
-    for split in EVAL_SPLITS:
+    for split in res["problems"]:
         rows = res["checkpoints"]
         ks = [key for key in rows[0][split] if key.startswith("pass@")]
         print(f"[eval] {split}: {res['problems'][split]} problems, n={res['n']} samples each at T=1 "
@@ -1690,7 +1789,8 @@ def prepare(name, user_args):
     """Everything stage `name` needs before its first step: its flags, its policy, its ctx. -> (args, ctx)
 
     args: the user's flags with the stage's defaults filled in (stage_args). ctx: what the stage's setup()
-    built (data, frozen models, generators), plus "policy" (the model it trains) and "tok" (the tokenizer).
+    built (data, frozen models, generators), plus "policy" (the model it trains) and "task" (its Task: the
+    tokenizer, the data files, the verifier).
     The policy comes from --init, else the output of the stage's default init (built first if missing), else
     from scratch. train_stage() and the tests both start a stage here.
     """
@@ -1698,24 +1798,30 @@ def prepare(name, user_args):
     args = stage_args(user_args, name)
     check_stage_args(args, name)
     torch.manual_seed(args.seed)
-    tok = task.load_tokenizer()
     if args.init is None and stage.init is not None:
         args.init = ensure_stage_output(user_args, stage.init)
     # frozen models a stage reads besides its init (distill's teacher; grpo --reward prm: OUT_DIR/prm): its
     # setup() fetches them with args.stage_output(name), built first if missing, like the init
     args.stage_output = lambda needed: ensure_stage_output(user_args, needed)
     args.init_folder = args.init
+    task = load_task(args, args.init)  # the init's tokenizer; a new model gets the built-in one
     if args.init is not None:
         print(f"[{name}] init from {args.init}")
         policy = load_model(args.init, args.device, score_head=stage.score_head or None)
+        if task.tok.vocab_size > policy.config.vocab_size:
+            die(f"{task.tok.path} has {task.tok.vocab_size} tokens but the model's embedding "
+                f"({os.path.join(args.init, 'config.json')}: vocab_size) has {policy.config.vocab_size}")
     else:
-        cfg = GPTConfig(vocab_size=tok.get_vocab_size(), n_layer=args.n_layer, n_embd=args.n_embd,
+        cfg = GPTConfig(vocab_size=task.tok.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd,
                         n_head=args.n_head, n_kv_head=args.n_kv_head,
                         intermediate_size=int(8 * args.n_embd / 3 / 32 + 1) * 32, max_seq_len=args.max_seq_len)
         policy = GPT(cfg).to(args.device)
         print(f"[{name}] new model from scratch: {policy.num_params() / 1e6:.2f}M parameters")
-    ctx = stage.setup(args, policy, tok)
-    ctx.update(policy=policy, tok=tok)
+    policy.grad_checkpointing = args.grad_checkpoint
+    ctx = stage.setup(args, policy, task)
+    ctx.update(policy=policy, task=task)
+    if "critic" in ctx:
+        ctx["critic"].grad_checkpointing = args.grad_checkpoint
     return args, ctx
 
 
@@ -1723,11 +1829,11 @@ def train_stage(user_args, name):
     """Run one stage from its init to OUT_DIR/<name>, with held-out pass@1 before and after."""
     stage = STAGES[name]
     args, ctx = prepare(name, user_args)
-    policy, tok = ctx["policy"], ctx["tok"]
+    policy, task = ctx["policy"], ctx["task"]
     # held-out pass@1 of a generator; a scorer (RM, PRM) is judged by the stage's own evaluate() instead
-    problems = [] if stage.score_head else heldout_problems(args)
+    problems = [] if stage.score_head else heldout_problems(task, args)
     # a model from scratch solves nothing (and never stops generating), so its "before" is 0 by construction
-    before = evaluate(policy, tok, problems, args) if problems and args.init else {}
+    before = evaluate(policy, task, problems, args) if problems and args.init else {}
     if stage.evaluate is not None:
         before.update(stage.evaluate(ctx, args))
     # --- optimizer: AdamW, weight decay on matrices only; ctx["trainable"] adds e.g. a PPO critic
@@ -1761,7 +1867,7 @@ def train_stage(user_args, name):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         # tok/s counts the real (non-pad) tokens of the step's batch: prompts, completions, both sides of a pair
-        n_tokens += sum(int(v.ne(task.PAD).sum()) for k, v in batch.items() if k.endswith("ids"))
+        n_tokens += sum(int(v.ne(task.tok.pad_id).sum()) for k, v in batch.items() if k.endswith("ids"))
         # --- log: averages over the step's micro-batches, plus the batch's own stats
         rec = {"step": step + 1, "lr": lr, **stats}
         for key in (row_metrics[0] if row_metrics else {}):
@@ -1777,7 +1883,7 @@ def train_stage(user_args, name):
             print(f"[{name}] step {step + 1}/{args.steps} | {extra} | {n_tokens / elapsed / 1e3:.1f}k tok/s | "
                   f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
     # --- held-out pass@1 after, then the atomic checkpoint
-    after = evaluate(policy, tok, problems, args) if problems else {}
+    after = evaluate(policy, task, problems, args) if problems else {}
     if problems:
         report_eval(name, before, after)
     if stage.evaluate is not None:
@@ -1786,7 +1892,7 @@ def train_stage(user_args, name):
             if key not in ("greedy", "sampled"):
                 print(f"[{name}] held-out {key}: {before.get(key, float('nan')):.4g} -> {after[key]:.4g}")
     out = os.path.join(args.out_dir, name)
-    save_checkpoint(out, policy, args, metrics_log, {"before": before, "after": after})
+    save_checkpoint(out, policy, task.tok, args, metrics_log, {"before": before, "after": after})
     print(f"[{name}] saved {out} ({fmt_time(time.time() - t0)})")
     return out
 
@@ -1832,7 +1938,8 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA device is available")
     # (device "auto" and the bf16 autocast context are resolved per stage, in stage_args)
-    for n in stages_to_train(args, names):
+    # the stages named first, so that an error names what the user asked for, then those built on the way
+    for n in dict.fromkeys([n for n in names if STAGES[n].run is None] + stages_to_train(args, names)):
         check_stage_args(stage_args(args, n), n)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -29,8 +29,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from losses.common import gather_logprobs
+from losses.policy import entropy_from_logits
 from model import KVCache
 
 CHECK_EVERY = 4  # decode steps between "have all rows hit EOS?" checks (each is a GPU -> CPU sync)
@@ -43,7 +45,7 @@ class Samples:
     completion_ids: torch.Tensor  # (B, N) pad_id after EOS
     completion_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
     logps: torch.Tensor  # (B, N) fp32 log-prob of each token under logits/temperature; 0 where mask is 0
-    finished: torch.Tensor  # (B,) bool: the row emitted EOS; False = cut off at the length limit
+    finished: torch.Tensor  # (B,) bool: the row emitted an EOS id; False = cut off at the length limit
 
 
 def left_pad(prompts, pad_id, device=None):
@@ -80,7 +82,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
         max_new_tokens: completion budget N_max; prompt_len + N_max must fit config.max_seq_len.
         temperature: logits are divided by it before sampling; 0 = greedy (argmax).
         top_k, top_p: optional truncation of the sampling distribution (not of the reported log-probs).
-        eos_id: a row stops after emitting it; None = every row runs max_new_tokens.
+        eos_id: an id or a list of ids; a row stops after emitting any of them; None = every row runs
+            max_new_tokens.
         generator: a torch.Generator on the model's device, for reproducible samples.
         pad_id: written in place of prompt padding and of tokens after EOS.
 
@@ -106,6 +109,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     # with no padding at all the model needs no mask: positions are a slice of its tables and a decode step
     # attends to every key, which saves building and applying a mask in every step and layer
     padded = not bool(prompt_mask.all())
+    # every id that ends a completion (an instruct model often has two: end of turn and end of text)
+    stop = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # (S,)
 
     # prefill: one forward over all prompts; only the last position's logits are needed, so we take the
     # hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
@@ -131,8 +136,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
         ids.append(next_id)
         logps.append(gather_logprobs(logits, next_id))  # (B,) of the untruncated tempered distribution
         finished.append(done)  # rows already finished before this token: they get pad, mask 0, logp 0
-        if eos_id is not None:
-            done = done | (next_id == eos_id)  # (B,)
+        if stop is not None:
+            done = done | torch.isin(next_id, stop)  # (B,)
             if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
                 break
         if t + 1 < max_new_tokens:
@@ -169,8 +174,33 @@ def sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return torch.cat((prompt_ids, completion_ids), dim=1), torch.cat((prompt_mask, completion_mask), dim=1)
 
 
+LOGIT_CHUNK = 2 ** 24  # fp32 logits (rows x tokens x vocab, 64 MB) the LM head produces at once
+
+
+def over_head_chunks(fn, model, hidden, *per_row):
+    """[fn(logits, *rows) for each chunk of rows]: the LM head applied to a few rows of hidden (B, T, D) at a
+    time, so that no more than LOGIT_CHUNK logits exist at once (a 152k vocabulary x 64 rows x 200 tokens
+    would be 7.8 GB in fp32). per_row: tensors (B, ...) sliced alongside. With gradients and more than one
+    chunk, each chunk's logits are recomputed in the backward pass instead of kept (activation checkpointing
+    of the head alone); with one chunk this is exactly fn(model.lm_head(hidden), *per_row)."""
+    B, T = hidden.shape[:2]
+    rows = max(1, LOGIT_CHUNK // max(1, T * model.config.vocab_size))
+
+    def run(h, *rest):
+        return fn(model.lm_head(h), *rest)
+
+    out = []
+    for i in range(0, B, rows):
+        args = (hidden[i:i + rows], *(x[i:i + rows] for x in per_row))
+        if torch.is_grad_enabled() and rows < B:
+            out.append(checkpoint(run, *args, use_reentrant=False))
+        else:
+            out.append(run(*args))
+    return out
+
+
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                     return_logits=False):
+                     return_logits=False, return_entropy=False):
     """Log-probs (B, N) of completion tokens under model, by one full forward over [prompt; completion].
 
     The ONE function that turns a model's output into completion log-probs: the policy (with gradients), the
@@ -180,19 +210,36 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     the temperature (dividing low-precision logits rounds them once more, differently from a forward that
     casts first). temperature 0 (greedy sampling) is scored as 1, as in sample(): the greedy tokens'
     log-probs under the model's own distribution. Positions where completion_mask is 0 get exactly 0 (and no
-    gradient), so an estimator that exponentiates a difference of log-probs cannot overflow there.
+    gradient), so an estimator that exponentiates a difference of log-probs cannot overflow there. The LM
+    head runs a few rows at a time (over_head_chunks), so memory holds LOGIT_CHUNK logits at most.
 
     prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N). Call it inside the
-    autocast context the caller trains in. Returns fp32 logps (B, N), and with return_logits also the fp32,
-    temperature-scaled logits (B, N, V) at the completion positions (entropy, distillation).
+    autocast context the caller trains in. Returns fp32 logps (B, N); with return_entropy also the entropy
+    (B, N) of each position's tempered distribution (no gradient); with return_logits the fp32,
+    temperature-scaled logits (B, N, V) themselves, whole, in place of the chunking (distillation compares
+    two models' whole distributions).
     """
     P = prompt_ids.size(1)
     ids, mask = sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, P + N) each
-    # logits[:, P - 1] predicts the first completion token, the last position predicts nothing we have
-    logits = model(ids, mask)[:, P - 1:-1].float()  # (B, N, V)
-    if temperature not in (0, 1):
-        logits = logits / temperature  # NOTE: after the cast to fp32, never before
-    # gather at ids[:, P:], the completion as part of the concatenation: an ordinary tensor even when the
-    # completion came out of the sampler's inference mode, which autograd may not save for backward
-    logps = gather_logprobs(logits, ids[:, P:]).masked_fill(completion_mask == 0, 0.0)  # (B, N)
-    return (logps, logits) if return_logits else logps
+    # hidden[:, P - 1] predicts the first completion token, the last position predicts nothing we have
+    hidden = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, D)
+    # targets: the completion as part of the concatenation, an ordinary tensor even when it came out of the
+    # sampler's inference mode, which autograd may not save for backward
+    targets = ids[:, P:]  # (B, N)
+
+    def score(logits, targets):
+        logits = logits.float()  # (b, N, V)
+        if temperature not in (0, 1):
+            logits = logits / temperature  # NOTE: after the cast to fp32, never before
+        out = [gather_logprobs(logits, targets)]  # (b, N)
+        if return_entropy:
+            with torch.no_grad():
+                out.append(entropy_from_logits(logits))  # (b, N)
+        return out + [logits] if return_logits else out
+
+    parts = [score(model.lm_head(hidden), targets)] if return_logits else \
+        over_head_chunks(score, model, hidden, targets)
+    logps = torch.cat([p[0] for p in parts]).masked_fill(completion_mask == 0, 0.0)  # (B, N)
+    extra = [torch.cat([p[1] for p in parts])] if return_entropy else []
+    extra += [parts[0][-1]] if return_logits else []
+    return (logps, *extra) if extra else logps

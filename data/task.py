@@ -382,27 +382,47 @@ def _short(value):
     return r if len(r) <= 40 else r[:37] + "..."
 
 
-def _check_row(row, fields, where):
-    """Raise ValueError "where: ..." unless `row` holds each field with the right type (str: in ALPHABET)."""
+def _alphabet_check(text):
+    bad = _first_foreign_char(text)
+    if bad is not None:
+        raise ValueError(f"has character {bad!r} outside the tokenizer's alphabet {ALPHABET!r}")
+
+
+def _check_row(row, fields, where, check_text):
+    """Raise ValueError "where: ..." unless `row` holds each field with the right type; returns the row's
+    fields. A field's kind is a type (checked, and a str is passed to check_text) or a converter function
+    (its result is the value; a ValueError it raises names the field)."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {_short(row)}")
+    out = {}
     for name, kind in fields.items():
         if name not in row:
             raise ValueError(f"{where}: missing field {name!r}")
         value = row[name]
+        if not isinstance(kind, type):
+            try:
+                out[name] = kind(value)
+            except ValueError as e:
+                raise ValueError(f"{where}: field {name!r}: {e}") from None
+            continue
         # bool is a subclass of int in Python: true in an integer field is a broken file, not a 1
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ValueError(f"{where}: field {name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
                              f"got {_short(value)}")
-        bad = _first_foreign_char(value) if kind is str else None
-        if bad is not None:
-            raise ValueError(f"{where}: field {name!r} has character {bad!r} outside the tokenizer's "
-                             f"alphabet {ALPHABET!r}")
+        if kind is str and check_text is not None:
+            try:
+                check_text(value)
+            except ValueError as e:
+                raise ValueError(f"{where}: field {name!r} {e}") from None
+        out[name] = value
+    return out
 
 
-def read_jsonl(path, fields):
-    """Rows of a JSONL file, each a dict of exactly `fields` (name -> python type, e.g. {"answer": int}).
-    Blank lines are skipped; any other bad line raises ValueError("PATH:LINE: ...") naming the field."""
+def read_jsonl(path, fields, check_text=_alphabet_check):
+    """Rows of a JSONL file, each a dict of exactly `fields` (name -> python type, e.g. {"answer": int}, or a
+    converter function). Every string goes through check_text (default: the task's alphabet; None: no check),
+    which raises ValueError to refuse it. Blank lines are skipped; any other bad line raises
+    ValueError("PATH:LINE: ...") naming the field."""
     rows = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -414,8 +434,7 @@ def read_jsonl(path, fields):
                 row = json.loads(line)
             except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are ValueErrors
                 raise ValueError(f"{where}: not valid JSON ({e})") from None
-            _check_row(row, fields, where)
-            rows.append({name: row[name] for name in fields})
+            rows.append(_check_row(row, fields, where, check_text))
     return rows
 
 

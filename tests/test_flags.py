@@ -16,18 +16,20 @@ import torch
 import posttrain
 from data import task
 from losses import kl_penalty
+from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 
 torch.set_num_threads(1)
-TOK = task.load_tokenizer()
+TOK = Tokenizer(task.DATA_DIR)  # the built-in character-level tokenizer
 TINY = ["--n-layer", "1", "--n-embd", "32", "--threads", "1"]
 
 
 def tiny_folder(path, seed=0):
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=TOK.get_vocab_size(), n_layer=1, n_embd=32, n_head=4, n_kv_head=2,
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_embd=32, n_head=4, n_kv_head=2,
                     intermediate_size=96, max_seq_len=128)
     GPT(cfg).save_pretrained(path)
+    TOK.save(path)
     return str(path)
 
 
@@ -45,7 +47,7 @@ def perturb(model, scale=0.3, seed=1):
 
 def fake_rollout(prompt, completions, rewards):
     """What sample_groups returns for hand-written completions of one prompt, with given 0/1 rewards."""
-    ids = [task.encode(TOK, c) + [task.EOS] for c in completions]
+    ids = [TOK.completion_ids(c) for c in completions]
     roll = posttrain.completion_rows(TOK, [prompt] * len(completions), ids, "cpu")
     roll["sampler_logps"] = torch.zeros(roll["completion_ids"].shape)
     verdicts = [task.verify(prompt, c) for c in completions]
@@ -145,6 +147,7 @@ def test_first_ratio_is_exactly_one_under_bf16_at_temperature_0_7(tmp_path, stag
         with torch.no_grad():
             model.lm_head.weight.mul_(8.0)
         model.save_pretrained(str(init))
+        TOK.save(str(init))
     args, ctx = prepare(stage, str(init), "--dtype", "bf16", "--temperature", "0.7", "--kl-coef", "0.1",
                         "--batch-size", "3", "--group-size", "2", "--max-new-tokens", "12",
                         "--micro-batch-size", "4", "--no-dynamic-sampling")

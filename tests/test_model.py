@@ -1,18 +1,21 @@
 """model.py: parity with HF transformers both ways (through committed fixtures, so no transformers here),
-checkpoint round trip, KV cache, left padding, tied embeddings, GQA shapes, and clear errors."""
+checkpoint round trip, KV cache, left padding, tied embeddings, GQA and Qwen3 shapes, and clear errors."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from model import GPT, GPTConfig, KVCache
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # written by tests/make_hf_fixtures.py
 TINY = dict(vocab_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=64)
+QWEN3 = dict(qk_norm=True, head_dim=16)  # head_dim 16 != n_embd / n_head = 8, as in every Qwen3
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,10 @@ def tiny(seed=0, **overrides):
 # --- parity with HF transformers --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
 def test_hf_checkpoint_gives_hf_logits(recorded, name):
-    # llama/ is sharded (index.json path), GQA, untied; qwen2/ has q/k/v biases and tied embeddings
+    # llama/ is sharded (index.json path), GQA, untied; qwen2/ has q/k/v biases, tied embeddings and a
+    # vocabulary padded past its tokenizer's; qwen3/ has q/k norms and head_dim != hidden / heads
     model = GPT.from_pretrained(FIXTURES / name)
     with torch.no_grad():
         logits = model(recorded["input_ids"])
@@ -43,7 +47,7 @@ def test_hf_greedy_tokens(recorded):
     assert torch.equal(model.generate(recorded["input_ids"], new, temperature=0), recorded["llama_greedy"])
 
 
-@pytest.mark.parametrize("name", ["ours_llama", "ours_qwen2"])
+@pytest.mark.parametrize("name", ["ours_llama", "ours_qwen2", "ours_qwen3"])
 def test_our_checkpoint_gives_hf_logits(recorded, name, tmp_path):
     # transformers read this folder (written by our save_pretrained) and produced the recorded logits
     model = GPT.from_pretrained(FIXTURES / name)
@@ -62,7 +66,7 @@ def test_our_checkpoint_gives_hf_logits(recorded, name, tmp_path):
 # --- checkpoints --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, tie_embeddings=True, score_head=True)])
+@pytest.mark.parametrize("overrides", [{}, dict(qkv_bias=True, tie_embeddings=True, score_head=True), QWEN3])
 def test_save_load_round_trip(tmp_path, overrides):
     model = tiny(**overrides)
     with torch.no_grad():
@@ -131,6 +135,70 @@ def test_sharded_folder_missing_shard(tmp_path):
         GPT.from_pretrained(tmp_path / "llama")
 
 
+def test_unsupported_architectures_refused(tmp_path):
+    tiny(**QWEN3).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 16
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture MistralForCausalLM, expected one of "
+                                         "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        GPT.from_pretrained(tmp_path)
+    # Qwen3's attention_bias biases o_proj as well as q, k, v: not a layout we have
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    with pytest.raises(ValueError, match="unsupported attention_bias"):
+        GPT.from_pretrained(tmp_path)
+    # transformers' Qwen3 takes a missing head_dim as 128, not hidden / heads: so do we, and shapes disagree
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "head_dim"}))
+    with pytest.raises(ValueError, match=r"q_proj.weight has shape \(64, 32\), config.json implies \(512, "):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="qk_norm with qkv_bias"):
+        tiny(**QWEN3, qkv_bias=True).save_pretrained(tmp_path / "both")
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_index_entry_outside_folder_refused(tmp_path, absolute):
+    folder = tmp_path / "llama"
+    shutil.copytree(FIXTURES / "llama", folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    # the entry leads to a real copy of the shard, so only the check stands between it and a load
+    shutil.copy(folder / shard, tmp_path / "outside.safetensors")
+    entry = str(tmp_path / "outside.safetensors") if absolute else "../outside.safetensors"
+    index["weight_map"] = {k: entry if v == shard else v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=re.escape(f"entry {name}: {entry} points outside the folder")):
+        GPT.from_pretrained(folder)
+
+
+def test_unused_tensors_refused(tmp_path):
+    # config.json says one layer fewer than the checkpoint holds: loading would run a truncated model
+    shutil.copytree(FIXTURES / "qwen3", tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1,
+                                                            "layer_types": ["full_attention"]}))
+    expected = r"tensor model\.layers\.1\.input_layernorm\.weight in the checkpoint is not part of the model "
+    with pytest.raises(ValueError, match=expected + r"that config\.json describes \(11 such tensors\)"):
+        GPT.from_pretrained(tmp_path / "q")
+    # one stray tensor in a single-file checkpoint
+    tiny().save_pretrained(tmp_path / "m")
+    tensors = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({**tensors, "model.extra.weight": torch.zeros(3)}, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ValueError, match="tensor model.extra.weight in the checkpoint is not part"):
+        GPT.from_pretrained(tmp_path / "m")
+
+
+def test_score_tensors_dropped_only_on_request(tmp_path):
+    model = tiny(score_head=True)
+    model.save_pretrained(tmp_path)
+    assert not GPT.from_pretrained(tmp_path, score_head=False).config.score_head  # asked to drop: fine
+    # a config.json that does not mention the head while the checkpoint holds one: not what it says it is
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "score_head"}))
+    with pytest.raises(ValueError, match="tensor score.bias in the checkpoint is not part"):
+        GPT.from_pretrained(tmp_path)
+    assert GPT.from_pretrained(tmp_path, score_head=True).config.score_head
+
+
 # --- architecture -------------------------------------------------------------------------------------------
 
 
@@ -139,6 +207,19 @@ def test_tied_embeddings_are_one_tensor():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     n_untied = tiny(tie_embeddings=False).num_params()
     assert tiny(tie_embeddings=True).num_params() == n_untied - TINY["vocab_size"] * TINY["n_embd"]
+
+
+def test_qwen3_shapes():
+    # head_dim is its own number: q is n_head * head_dim wide, o maps it back to n_embd, RoPE and cache use it
+    model = GPT.from_pretrained(FIXTURES / "qwen3")
+    c, attn = model.config, model.model.layers[0].self_attn
+    assert (c.n_embd, c.n_head, c.head_dim, c.qk_norm, c.qkv_bias) == (32, 4, 16, True, False)
+    assert attn.q_proj.weight.shape == (64, 32) and attn.o_proj.weight.shape == (32, 64)
+    assert attn.k_proj.weight.shape == (32, 32) and attn.q_proj.bias is None
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (16,)
+    assert not torch.equal(attn.q_norm.weight, torch.ones(16))  # loaded, not left at its init
+    assert model.rope_cos.shape == (256, 16)
+    assert KVCache(c, batch_size=1, max_len=8).k.shape == (2, 1, 2, 8, 16)
 
 
 def test_gqa_shapes():
@@ -151,9 +232,10 @@ def test_gqa_shapes():
     assert cache.k.shape == (TINY["n_layer"], 3, TINY["n_kv_head"], 20, hs)
 
 
+@pytest.mark.parametrize("overrides", [{}, QWEN3])
 @pytest.mark.parametrize("padded", [True, False])
-def test_kv_cache_matches_full_forward(padded):
-    model = tiny()
+def test_kv_cache_matches_full_forward(padded, overrides):
+    model = tiny(**overrides)
     idx = torch.randint(0, TINY["vocab_size"], (3, 12))
     mask = torch.ones(3, 12, dtype=torch.long)
     mask[1, :4] = 0  # one left-padded row
@@ -193,3 +275,21 @@ def test_too_long_is_an_error():
     model = tiny()
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# --- tokenizer fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
+def test_chat_fixture_ids_match_tokenizers(name):
+    # chat.json holds transformers' apply_chat_template output; the tokenizers library alone gives the same
+    # ids, and each model's embedding covers its tokenizer (qwen2's is padded past it, as Qwen's are)
+    tok = Tokenizer.from_file(str(FIXTURES / name / "tokenizer.json"))
+    entries = json.loads((FIXTURES / "chat.json").read_text())[name]
+    assert len(entries) == (4 if name == "qwen3" else 3)
+    for e in entries:
+        assert tok.encode(e["text"], add_special_tokens=False).ids == e["ids"]
+        assert tok.encode(e["prompt"]).ids == e["plain_ids"]
+        assert tok.decode(e["ids"], skip_special_tokens=False) == e["text"]
+    vocab = json.loads((FIXTURES / name / "config.json").read_text())["vocab_size"]
+    assert vocab == tok.get_vocab_size() + (48 if name == "qwen2" else 0)

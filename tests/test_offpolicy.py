@@ -16,12 +16,14 @@ import torch
 
 import posttrain
 from data import task
+from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 from posttrain import STAGES
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 TINY = ["--n-layer", "1", "--n-embd", "32", "--threads", "1", "--eval-problems", "6", "--eval-samples", "1",
         "--max-new-tokens", "16"]
+TOK = Tokenizer(task.DATA_DIR)  # the built-in character-level tokenizer
 
 
 def tiny_checkpoint(folder, seed=0):
@@ -62,7 +64,7 @@ def toy_data(tmp_path, monkeypatch):
     data = small_data(tmp_path / "data")
     task.write_jsonl(os.path.join(data, "pairs.jsonl"), toy_rows("rl", 256))
     held_out = toy_rows("test", 64)
-    monkeypatch.setattr(posttrain, "heldout_pairs", lambda args, tok: posttrain.encode_pairs(tok, held_out))
+    monkeypatch.setattr(posttrain, "heldout_pairs", lambda t, args: posttrain.encode_pairs(t.tok, held_out))
     return data
 
 
@@ -136,12 +138,11 @@ def test_sequence_logps_count_completion_tokens_only(tmp_path):
     model = GPT.from_pretrained(tiny_checkpoint(tmp_path / "m"))
     args = posttrain.get_args([])
     args.amp = nullcontext
-    tok = task.load_tokenizer()
-    pairs = posttrain.encode_pairs(tok, [{"prompt": "1+2=", "chosen": "1+2=3;#3", "rejected": "#3"},
+    pairs = posttrain.encode_pairs(TOK, [{"prompt": "1+2=", "chosen": "1+2=3;#3", "rejected": "#3"},
                                          {"prompt": "10+20-5+7=", "chosen": "10+20=30;30-5=25;25+7=32;#32",
                                           "rejected": "#31"}])
-    both = posttrain.pair_batch({"pairs": pairs}, [0, 1], "cpu")
-    alone = posttrain.pair_batch({"pairs": pairs}, [0], "cpu")
+    both = posttrain.pair_batch({"pairs": pairs, "pad": TOK.pad_id}, [0, 1], "cpu")
+    alone = posttrain.pair_batch({"pairs": pairs, "pad": TOK.pad_id}, [0], "cpu")
     with torch.no_grad():
         lp_both = posttrain.sequence_logps(model, both["rejected_ids"], both["rejected_mask"], args)
         lp_alone = posttrain.sequence_logps(model, alone["rejected_ids"], alone["rejected_mask"], args)
@@ -168,7 +169,7 @@ def test_self_pairs_pair_a_fully_right_sample_with_a_wrong_one(tmp_path, monkeyp
     # 3 prompts x G=3 samples; "clean" = worked solution, "lucky" = the right answer with no steps, "wrong"
     kinds = [["wrong", "clean", "wrong"], ["wrong", "wrong", "lucky"], ["clean", "lucky", "wrong"]]
 
-    def fake_solve(model, tok, prompts, n, temperature, args, seed):
+    def fake_solve(model, task_, prompts, n, temperature, args, seed):
         assert n == 3 and len(prompts) == 3
         texts = []
         for prompt, row in zip(prompts, kinds):
@@ -182,7 +183,7 @@ def test_self_pairs_pair_a_fully_right_sample_with_a_wrong_one(tmp_path, monkeyp
     monkeypatch.setattr(posttrain, "solve", fake_solve)
     args = posttrain.get_args(["--group-size", "3", "--pair-prompts", "3", "--pairs", "self",
                                "--data-dir", small_data(tmp_path / "data", 64)])
-    pairs = posttrain.self_pairs(args, None, task.load_tokenizer())
+    pairs = posttrain.self_pairs(args, None, posttrain.Task("arith", args.data_dir, TOK))
     # prompt 1 has no fully right sample (lucky is right by outcome only): no pair; lucky is never rejected
     assert len(pairs) == 2
     assert pairs[0][1] == [11] and pairs[0][2] in ([10], [12])
@@ -208,8 +209,8 @@ def test_reward_score_is_read_at_the_eos(tmp_path):
     args = posttrain.get_args([])
     args.amp = nullcontext
     rows = [{"prompt": "1+2=", "chosen": "1+2=3;#3", "rejected": "#3"}]
-    pairs = posttrain.encode_pairs(task.load_tokenizer(), rows)
-    b = posttrain.pair_batch({"pairs": pairs}, [0], "cpu")
+    pairs = posttrain.encode_pairs(TOK, rows)
+    b = posttrain.pair_batch({"pairs": pairs, "pad": TOK.pad_id}, [0], "cpu")
     last = posttrain.last_index(b["rejected_mask"])
     assert b["rejected_ids"][0, last[0]].item() == task.EOS
     with torch.no_grad():

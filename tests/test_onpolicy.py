@@ -17,19 +17,21 @@ import torch
 import posttrain
 from data import task
 from losses import group_advantages
+from data.tokenizer import Tokenizer
 from model import GPT, GPTConfig
 
 torch.set_num_threads(1)
-TOK = task.load_tokenizer()
+TOK = Tokenizer(task.DATA_DIR)  # the built-in character-level tokenizer
 TINY = ["--n-layer", "1", "--n-embd", "32", "--threads", "1"]
 
 
 def tiny_folder(path, seed=0, n_layer=1, n_embd=32):
     """A random tiny model saved as a checkpoint folder (the init of a stage)."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=TOK.get_vocab_size(), n_layer=n_layer, n_embd=n_embd, n_head=4, n_kv_head=2,
+    cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=4, n_kv_head=2,
                     intermediate_size=3 * n_embd, max_seq_len=128)
     GPT(cfg).save_pretrained(path)
+    TOK.save(path)
     return str(path)
 
 
@@ -43,7 +45,7 @@ def stage_args(stage, init, *flags):
 
 def toy_roll(prompt, completions):
     """Rollout tensors (as sample_groups returns them) of hand-written finished completions of one prompt."""
-    ids = [task.encode(TOK, c) + [task.EOS] for c in completions]
+    ids = [TOK.completion_ids(c) for c in completions]
     return posttrain.completion_rows(TOK, [prompt] * len(completions), ids, "cpu")
 
 
@@ -55,8 +57,11 @@ def seq_logps(model, roll, args):
 # grpo / ppo: the first update, the direction of an update, equal rewards
 
 
-@pytest.mark.parametrize("stage,kl_coef", [("grpo", "0.1"), ("grpo", "0"), ("ppo", "0.1")])
-def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, stage, kl_coef):
+@pytest.mark.parametrize("stage,kl_coef,chunked", [("grpo", "0.1", False), ("grpo", "0", False),
+                                                   ("ppo", "0.1", False), ("grpo", "0.1", True)])
+def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, monkeypatch, stage, kl_coef, chunked):
+    if chunked:  # the LM head one row at a time, recomputed in backward: still one log-prob path
+        monkeypatch.setattr(posttrain.rollout, "LOGIT_CHUNK", 1)
     init = tiny_folder(tmp_path / "init")
     # 6 rows in micro-batches of 4: the rollout's log-probs and the update's forward see the same chunks.
     # At --kl-coef 0 the KL is still measured and logged, and must be 0 too.
@@ -188,10 +193,10 @@ def test_rft_keeps_only_verified_distinct_samples(tmp_path, monkeypatch):
     batch, stats = posttrain.rft_batch(ctx, args, 0)
     seqs = ctx["data"]["seqs"]
     assert len(seqs) == 1 and stats["kept_frac"] == pytest.approx(2 / 5) and stats["kept_distinct"] == 1
-    kept_text = task.decode(TOK, seqs[0][len(posttrain.prompt_ids(TOK, prompt)):])
+    kept_text = TOK.decode(seqs[0][len(TOK.prompt_ids(prompt)):])
     assert kept_text == right and task.verify(prompt, kept_text).correct
     # an SFT batch of it: loss only on the completion (and its EOS), never on the prompt
-    n_prompt = len(posttrain.prompt_ids(TOK, prompt))
+    n_prompt = len(TOK.prompt_ids(prompt))
     assert bool((batch["labels"][:, :n_prompt] == posttrain.IGNORE_INDEX).all())
     assert int(batch["w"][0]) == len(right) + 1
     # steps 1 is inside round 1: no new sampling; step 2 starts round 2
@@ -288,7 +293,7 @@ def prm_data(rng, split, n):
     prompts = [p.prompt for p in problems]
     texts = [blatant_solution(p, rng) for p in problems]
     verdicts = [task.verify(p, t) for p, t in zip(prompts, texts)]
-    roll = posttrain.completion_rows(TOK, prompts, [task.encode(TOK, t) + [task.EOS] for t in texts], "cpu")
+    roll = posttrain.completion_rows(TOK, prompts, [TOK.completion_ids(t) for t in texts], "cpu")
     return posttrain.prm_rows(roll, verdicts, [v.step_labels for v in verdicts])
 
 

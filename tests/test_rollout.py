@@ -115,3 +115,25 @@ def test_draws_follow_the_distribution(model):
 def test_too_long_is_an_error(model):
     with pytest.raises(ValueError, match="exceeds max_seq_len=48"):
         sample(model, PROMPTS, 42)
+
+
+def test_chunked_head_gives_the_same_logps_entropy_and_gradients(model, monkeypatch):
+    # a LOGIT_CHUNK of one row's logits forces a chunk per row (recomputed in backward): the numbers, the
+    # entropies and the gradients equal the one-chunk computation's
+    import rollout
+    from losses.policy import entropy_from_logits
+    out = sample(model, PROMPTS, 8, temperature=1.0, generator=seeded(5))
+    args = (model, out.prompt_ids, out.prompt_mask, out.completion_ids, out.completion_mask)
+    results = []
+    for chunk in (10 ** 9, out.completion_ids.size(1) * V):
+        monkeypatch.setattr(rollout, "LOGIT_CHUNK", chunk)
+        model.zero_grad()
+        logps, entropy = completion_logps(*args, temperature=0.8, return_entropy=True)
+        (logps.sum() * 0.5).backward()
+        results.append((logps.detach(), entropy, model.model.embed_tokens.weight.grad.clone()))
+    (a_lp, a_ent, a_grad), (b_lp, b_ent, b_grad) = results
+    assert (a_lp - b_lp).abs().max() <= 1e-6 and (a_ent - b_ent).abs().max() <= 1e-6
+    assert (a_grad - b_grad).abs().max() <= 1e-6 and a_grad.abs().max() > 0
+    # and the entropy is the tempered distribution's
+    _, logits = completion_logps(*args, temperature=0.8, return_logits=True)
+    assert (entropy_from_logits(logits) - a_ent).abs().max() <= 1e-5
