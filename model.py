@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
@@ -350,18 +351,20 @@ class GPT(nn.Module):
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, folder, score_head=None, device="cpu"):
+    def from_pretrained(cls, folder, score_head=None, device="cpu", check_only=False):
         """Load an HF Llama / Qwen2 / Qwen3 folder (model.safetensors, or shards listed in
-        model.safetensors.index.json).
+        model.safetensors.index.json). Every defect raises ValueError with one line naming the file.
 
         score_head: None = as the folder says; True = attach a score head, zero-initialised if the folder has
         none (e.g. a value model started from a policy); False = drop it, ignoring score.* in the checkpoint.
+        check_only: run every check (config, file headers, tensor names and shapes) without reading any
+        weights or allocating the model; returns None.
         """
         folder = Path(folder)
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{folder}: no config.json, not a model folder")
-        hf = json.loads(config_file.read_text())
+        hf = _read_json(config_file)
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads")
         missing = [key for key in required if key not in hf]
@@ -403,11 +406,17 @@ class GPT(nn.Module):
             tie_embeddings=hf.get("tie_word_embeddings", False),
             score_head=hf.get("score_head", False) if score_head is None else score_head,
         )
-        model = cls(config).to(device)
+        if check_only:
+            with torch.device("meta"):  # shapes only, no memory
+                model = cls(config)
+        else:
+            model = cls(config).to(device)
         # which files hold the tensors: one file, or shards listed in an index {"weight_map": {name: file}}
         index_file = folder / "model.safetensors.index.json"
         if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
+            weight_map = _read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_file}: no weight_map")
             for name, file in weight_map.items():
                 # the entry, not its resolved path: HF's cache folders are symlinks into a blob store
                 if Path(file).is_absolute() or ".." in Path(file).parts:
@@ -421,7 +430,14 @@ class GPT(nn.Module):
         for file in files:
             if not (folder / file).is_file():
                 raise ValueError(f"{folder}: {file} is missing")
-            tensors.update(load_file(folder / file, device=str(device)))
+            try:
+                if check_only:
+                    with safe_open(folder / file, "pt") as f:  # reads the header, which covers the file
+                        tensors.update({k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()})
+                else:
+                    tensors.update(load_file(folder / file, device=str(device)))
+            except SafetensorError as e:
+                raise ValueError(f"{folder / file}: not a complete safetensors file ({e})") from None
         params = model.state_dict()
         # a tensor we would not read means config.json describes another model (say, fewer layers than the
         # checkpoint has): refuse rather than run a truncated one. Exceptions: a tied lm_head some exporters
@@ -444,5 +460,23 @@ class GPT(nn.Module):
                 if tensors[name].shape != param.shape:
                     raise ValueError(f"{folder}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                      f"config.json implies {tuple(param.shape)}")
-                param.copy_(tensors[name])  # copy_ also converts a bf16 / fp16 file to our fp32
-        return model
+                if not check_only:
+                    param.copy_(tensors[name])  # copy_ also converts a bf16 / fp16 file to our fp32
+        return None if check_only else model
+
+
+class _Shape:
+    """A tensor's shape read from a safetensors header, standing in for the tensor in the checks above."""
+
+    def __init__(self, shape):
+        self.shape = torch.Size(shape)
+
+
+def _read_json(path):
+    try:
+        out = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return out

@@ -12,7 +12,7 @@ exists once, in train_stage(). The survey this follows (arXiv 2604.07941) sorts 
 trajectories come from (off- vs on-policy) and by what they do to the model (support expansion, policy
 reshaping, consolidation); each row of STAGES says both.
 
-The file reads top to bottom in the order things happen: flags, data, checkpoints, eval, the stages, the loop.
+The file reads top to bottom in the order things happen: flags, the task, checkpoints, eval, the stages, the loop.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import rollout
 from data import answer as answer_task
@@ -76,9 +79,10 @@ def get_args(argv=None):
                    help="transformer blocks (unset: the stage's default, 4; pretrain-small, the student's base: 2)")
     g.add_argument("--n-embd", type=int, default=None,
                    help="model width D (unset: the stage's default, 128; pretrain-small: 64)")
-    g.add_argument("--n-head", type=int, default=4, help="query heads")
-    g.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (grouped-query attention)")
-    g.add_argument("--max-seq-len", type=int, default=128, help="longest sequence (prompt + completion)")
+    g.add_argument("--n-head", type=int, default=None, help="query heads (unset: 4)")
+    g.add_argument("--n-kv-head", type=int, default=None, help="key/value heads, grouped-query attention (unset: 2)")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="longest sequence, prompt + completion (unset: 128)")
     # optimisation; None means "the stage's own default" (see STAGES), so a pipeline gets sane values per stage
     g = p.add_argument_group("optimisation (unset = the stage's default)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (on-policy: rollout batches)")
@@ -202,6 +206,16 @@ def get_args(argv=None):
                         "since idle-spinning OpenMP threads of several processes slow each other down badly)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                    help="bf16 = autocast matmuls in bfloat16 (weights and log-probs stay fp32)")
+    # faults
+    g = p.add_argument_group("faults and resuming")
+    g.add_argument("--save-every", type=int, default=50,
+                   help="steps between resumable states (OUT_DIR/<stage>.state), which --resume continues from")
+    g.add_argument("--resume", action="store_true",
+                   help="continue each stage from its resumable state, if it has one (same flags as the run "
+                        "that wrote it): the result is bit-identical to an uninterrupted run on the same machine")
+    g.add_argument("--max-bad-steps", type=int, default=3,
+                   help="a step whose loss or gradient is not finite is skipped; this many in a row stop the "
+                        "stage, leaving its previous checkpoint untouched")
     return p.parse_args(argv)
 
 
@@ -231,12 +245,40 @@ def die(msg):
     sys.exit(2)
 
 
+# flag -> (test of a set value, what it must be); every one is also refused when not finite (inf, nan)
+FLAG_RANGES = {
+    **{f: (lambda v: v >= 1, "an integer >= 1") for f in (
+        "steps", "batch-size", "micro-batch-size", "group-size", "max-new-tokens", "ppo-epochs", "minibatch-size",
+        "eval-n", "log-every", "threads", "save-every", "max-bad-steps", "rounds", "round-prompts", "pair-prompts",
+        "mc-rollouts", "n-layer", "n-embd", "n-head", "n-kv-head", "max-seq-len")},
+    **{f: (lambda v: v >= 0, ">= 0") for f in (
+        "eval-problems", "eval-samples", "warmup", "weight-decay", "kl-coef", "temperature", "rpo-alpha",
+        "simpo-gamma", "vf-coef", "value-clip", "clip-high")},
+    "lr": (lambda v: v > 0, "> 0"), "grad-clip": (lambda v: v > 0, "> 0"), "beta": (lambda v: v > 0, "> 0"),
+    "clip-low": (lambda v: 0 <= v < 1, "in [0, 1)"), "dual-clip": (lambda v: v > 1, "> 1"),
+    "jsd-beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "label-smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+MODEL_FLAGS = ("n-layer", "n-embd", "n-head", "n-kv-head", "max-seq-len")  # shape a model made from scratch
+
+
 def check_stage_args(args, name):
     """Refuse, with one line, flag values that would make stage `name` compute the wrong thing.
 
     args are the stage's own (stage_args). main() calls this for every stage a run will train, before any
     work; train_stage() calls it again for a stage it builds on demand.
     """
+    for flag, (ok, what) in FLAG_RANGES.items():
+        value = getattr(args, flag.replace("-", "_"))
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            die(f"--{flag} must be {what}, got {value}")
+    if name == "grpo" and args.group_size < 2:
+        die(f"--group-size {args.group_size}: grpo's advantages compare the samples of a prompt, it needs >= 2")
+    scratch = args.init is None and STAGES[name].init is None and STAGES[name].run is None  # a new model
+    if scratch and args.n_embd % args.n_head:
+        die(f"--n-embd {args.n_embd} must be a multiple of --n-head {args.n_head}")
+    if scratch and args.n_head % args.n_kv_head:
+        die(f"--n-head {args.n_head} must be a multiple of --n-kv-head {args.n_kv_head}")
     if args.temperature < 0:
         die(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.temperature == 0 and name in ("grpo", "ppo", "rft"):
@@ -252,7 +294,7 @@ def check_stage_args(args, name):
     if args.task != "arith" and needs_steps:
         what = "--reward prm" if name in ("grpo", "ppo") else "--pairs self" if name in ("dpo", "rm") else name
         die(f"{what} needs per-step labels, which only --task arith has; --task {args.task} cannot use it")
-    if args.task != "arith" and args.init is None and STAGES[name].init is None:
+    if args.task != "arith" and scratch:
         die(f"--task {args.task} needs a model with a tokenizer for its text: pass --init FOLDER (the {name} stage "
             "would start a model from scratch with the arithmetic task's character-level tokenizer)")
     if "{prompt}" not in args.prompt_template:
@@ -297,6 +339,9 @@ FIELDS = {"pretrain": {"text": str}, "sft": {"prompt": str, "completion": str},
           "test": {"prompt": str, "answer": int}, "test_ood": {"prompt": str, "answer": int}}
 
 
+ROWS_READ = {}  # (path, mtime, task, tokenizer) -> the rows Task.rows read and checked
+
+
 class Task:
     """What a stage learns from and is judged by: its tokenizer, the data files, and the verifier.
 
@@ -318,6 +363,11 @@ class Task:
         if not os.path.exists(path):
             hint = " (regenerate with: python -m data.task)" if self.name == "arith" else ""
             die(f"{path} not found{hint}")
+        key = (path, os.stat(path).st_mtime_ns, self.name, self.tok.path)
+        if key in ROWS_READ:  # validate_run() read and checked this file before the stage's setup() asks
+            rows = ROWS_READ[key]
+            self.answers.update((r["prompt"], r["answer"]) for r in rows if "answer" in r)
+            return rows
         fields = dict(FIELDS[name])
         if self.name == "answer" and "answer" in fields:
             fields["answer"] = answer_task.answer_value
@@ -333,6 +383,7 @@ class Task:
         if not rows:
             die(f"{path} has no rows")
         self.answers.update((r["prompt"], r["answer"]) for r in rows if "answer" in r)
+        ROWS_READ[key] = rows
         return rows
 
     def verify(self, prompt, text, finished=True):
@@ -425,34 +476,90 @@ def prompt_source(prompts, args):
 def save_checkpoint(folder, model, tok, args, metrics, evals):
     """Write the whole folder under a temporary name, then rename it into place.
 
-    An interrupted run therefore leaves either the old folder or the new one, never a half-written one
-    (between the two renames the old copy sits at FOLDER.old, which load_policy() falls back to).
+    Every file is flushed to disk (fsync) before the next is written, and eval.json comes last: a FOLDER.tmp
+    holding eval.json is complete. The renames are FOLDER -> FOLDER.old, FOLDER.tmp -> FOLDER, then FOLDER.old
+    is removed; a kill at any point leaves a state recover_folder() turns back into one complete FOLDER.
     """
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model.save_pretrained(tmp, tokenizer_path=tok.path)
     tok.save(tmp)  # all of the tokenizer's files (config, chat template), so the folder loads with them
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(args).items() if not callable(v)}, f, indent=1)
-    with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in metrics)
-    with open(os.path.join(tmp, "eval.json"), "w") as f:
-        json.dump(evals, f, indent=1)
+    write_file(os.path.join(tmp, "args.json"), json.dumps({k: v for k, v in vars(args).items() if not callable(v)},
+                                                         indent=1))
+    write_file(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in metrics))
+    for name in os.listdir(tmp):
+        fsync_path(os.path.join(tmp, name))  # the weights and tokenizer files written above
+    write_file(os.path.join(tmp, "eval.json"), json.dumps(evals, indent=1))  # last: marks tmp complete
+    fsync_path(tmp)
     if os.path.exists(folder):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(folder, old)
     os.rename(tmp, folder)
+    fsync_path(os.path.dirname(os.path.abspath(folder)))  # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_folder(folder):
+    """Turn what a killed save_checkpoint can leave behind into one complete FOLDER (or none).
+
+    FOLDER.tmp with eval.json is a complete new checkpoint whose rename was cut short: it wins. FOLDER.old is
+    the previous checkpoint, kept until the new one is in place: it comes back if nothing newer is there.
+    Anything else (a FOLDER.tmp without eval.json: a save killed while writing) is removed."""
+    tmp, old = folder + ".tmp", folder + ".old"
+    if os.path.isdir(tmp) and os.path.exists(os.path.join(tmp, "eval.json")) and not os.path.exists(folder):
+        os.rename(tmp, folder)
+    if os.path.isdir(old) and not os.path.exists(folder):
+        os.rename(old, folder)
+    for leftover in (tmp, old):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+
+
+def lock_out_dir(out_dir):
+    """Hold OUT_DIR/.lock for the life of this process, or end with one line if another run holds it.
+
+    An flock dies with its process, so a lock file left by a killed run blocks nothing."""
+    import fcntl
+    f = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        die(f"{out_dir} is locked by another posttrain run writing there; wait for it, or use another --out-dir")
+    return f  # keep it open: closing the file would release the lock
+
+
 def load_model(folder, device, score_head=None):
-    if not os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(folder + ".old"):
-        folder = folder + ".old"  # a run died between the two renames of save_checkpoint
     try:
         return GPT.from_pretrained(folder, score_head=score_head, device=device)
     except (ValueError, FileNotFoundError) as e:
         die(f"{e}")
+
+
+def check_model_folder(flag, folder):
+    """Refuse, with one line, a model folder a run would fail on later: config, weights' headers, tokenizer."""
+    if not os.path.isdir(folder):
+        die(f"{flag} {folder}: no such folder")
+    try:
+        GPT.from_pretrained(folder, check_only=True)
+        Tokenizer(folder)
+    except ValueError as e:
+        die(f"{flag} {e}")
 
 
 def ensure_stage_output(user_args, name):
@@ -546,14 +653,13 @@ def chunked_logps(model, roll, args):
     return torch.cat(out)  # (B, N)
 
 
-def completion_forward(model, mb, args, logits=False):
+def completion_forward(model, mb, args):
     """Training forward over [prompt; completion] -> completion log-probs (B, N) and the entropy (B, N) of each
-    position, fp32, of logits / temperature (logits=True: the logits (B, N, V) in place of the entropy):
-    rollout.completion_logps, the one log-prob path, under the stage's autocast."""
+    position, fp32, of logits / temperature: rollout.completion_logps, the one log-prob path, under the
+    stage's autocast."""
     with args.amp():
         return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                        mb["completion_mask"], temperature=args.temperature,
-                                        return_entropy=not logits, return_logits=logits)
+                                        mb["completion_mask"], temperature=args.temperature, return_entropy=True)
 
 
 def completion_scores(model, mb, args, shift=False):
@@ -698,7 +804,7 @@ STAGES["pretrain"] = Stage(
     regime="off-policy", role="support (base model)", init=None, holds="policy",
     setup=setup_pretrain, make_batch=lm_stage_batch, loss=lm_loss,
     defaults=dict(steps=600, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100, ppo_epochs=1,
-                  log_every=100, n_layer=4, n_embd=128))
+                  log_every=100, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=128))
 STAGES["sft"] = Stage(
     regime="off-policy", role="support expansion", init="pretrain", holds="policy",
     setup=setup_sft, make_batch=lm_stage_batch, loss=lm_loss,
@@ -1538,16 +1644,31 @@ def distill_batch(ctx, args, step):
 
 def distill_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
-    _, logits = completion_forward(ctx["policy"], mb, args, logits=True)  # (B, N, V) the student
-    with torch.no_grad():
-        _, teacher_logits = completion_forward(ctx["teacher"], mb, args, logits=True)  # (B, N, V) same positions
-    if args.distill_mode in ("forward", "reverse"):
-        loss = kl_distill_loss(logits, teacher_logits, mask, direction=args.distill_mode)
-    else:
-        loss = generalized_jsd_loss(logits, teacher_logits, mask, beta=args.jsd_beta)
-    # the forward KL in every mode, so that runs of different modes compare on one number
-    kl_forward = kl_distill_loss(logits.detach(), teacher_logits, mask, direction="forward")
-    return loss, {"kl_forward": kl_forward.item()}
+    student, teacher = ctx["policy"], ctx["teacher"]
+    seq = (mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"])
+    temperature = args.temperature if args.temperature > 0 else 1.0  # greedy samples are scored at T = 1
+    with args.amp():
+        hidden, _ = rollout.completion_hidden(student, *seq)  # (B, N, D) the student, at completion positions
+        with torch.no_grad():
+            teacher_hidden, _ = rollout.completion_hidden(teacher, *seq)  # (B, N, D) the same positions
+
+        def losses(logits, teacher_hidden, rows_mask):
+            # both models' fp32 logits of a few rows, tempered as the sampler's; the loss is a token mean over
+            # these rows, weighted by their share of the micro-batch's tokens
+            logits = logits.float() / temperature  # (b, N, V)
+            with torch.no_grad():
+                teacher_logits = teacher.lm_head(teacher_hidden).float() / temperature  # (b, N, V)
+            if args.distill_mode in ("forward", "reverse"):
+                loss = kl_distill_loss(logits, teacher_logits, rows_mask, direction=args.distill_mode)
+            else:
+                loss = generalized_jsd_loss(logits, teacher_logits, rows_mask, beta=args.jsd_beta)
+            # the forward KL in every mode, so that runs of different modes compare on one number
+            kl_forward = kl_distill_loss(logits.detach(), teacher_logits, rows_mask, direction="forward")
+            share = rows_mask.sum() / mask.sum().clamp(min=1)
+            return loss * share, kl_forward * share
+
+        parts = rollout.over_head_chunks(losses, student, hidden, teacher_hidden, mask)  # the head in chunks
+    return sum(p[0] for p in parts), {"kl_forward": sum(p[1] for p in parts).item()}
 
 
 def distill_evaluate(ctx, args):
@@ -1830,20 +1951,29 @@ def train_stage(user_args, name):
     stage = STAGES[name]
     args, ctx = prepare(name, user_args)
     policy, task = ctx["policy"], ctx["task"]
-    # held-out pass@1 of a generator; a scorer (RM, PRM) is judged by the stage's own evaluate() instead
-    problems = [] if stage.score_head else heldout_problems(task, args)
-    # a model from scratch solves nothing (and never stops generating), so its "before" is 0 by construction
-    before = evaluate(policy, task, problems, args) if problems and args.init else {}
-    if stage.evaluate is not None:
-        before.update(stage.evaluate(ctx, args))
     # --- optimizer: AdamW, weight decay on matrices only; ctx["trainable"] adds e.g. a PPO critic
     params = [p for p in policy.parameters() if p.requires_grad] + ctx.get("trainable", [])
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    state_dir = os.path.join(args.out_dir, name + ".state")
+    # held-out pass@1 of a generator; a scorer (RM, PRM) is judged by the stage's own evaluate() instead
+    problems = [] if stage.score_head else heldout_problems(task, args)
+    run = load_state(state_dir, args, ctx, opt) if args.resume else None
+    if run is None:
+        if args.resume:
+            print(f"[{name}] --resume: no resumable state in {state_dir}, starting from step 0")
+        # a model from scratch solves nothing (and never stops generating), so its "before" is 0 by construction
+        before = evaluate(policy, task, problems, args) if problems and args.init else {}
+        if stage.evaluate is not None:
+            before.update(stage.evaluate(ctx, args))
+        run = {"step": 0, "before": before, "metrics": [], "n_tokens": 0, "elapsed": 0.0, "updates": 0,
+               "skipped_steps": 0, "bad_in_a_row": 0}
+    else:
+        print(f"[{name}] resuming from {state_dir} at step {run['step']}")
     print(f"[{name}] {stage.regime}, {stage.role}; holds: {stage.holds}; {args.steps} steps")
-    metrics_log, t0, n_tokens = [], time.time(), 0
-    for step in range(args.steps):
+    t0 = time.time() - run["elapsed"]
+    for step in range(run["step"], args.steps):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -1851,7 +1981,7 @@ def train_stage(user_args, name):
         batch, stats = stage.make_batch(ctx, args, step)
         batch = {k: v.to(args.device) for k, v in batch.items()}  # data stages build theirs on the CPU
         n_rows = len(batch["w"])
-        row_metrics = []
+        row_metrics, bad = [], False
         for epoch in range(args.ppo_epochs):
             # The first pass takes the rows in rollout order, so the first minibatch is made of exactly the
             # rows and micro-batch chunks its old log-probs were computed with (ratio exactly 1). Later passes
@@ -1862,27 +1992,56 @@ def train_stage(user_args, name):
                 order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(
                     args.seed * 1_000_003 + step * 101 + epoch))
             for mb_slice in chunks(n_rows, args.minibatch_size):
-                row_metrics += accumulate_gradients(stage, ctx, args, batch, order[mb_slice])
+                mb_metrics = accumulate_gradients(stage, ctx, args, batch, order[mb_slice])
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                opt.step()
+                # a non-finite loss or gradient would poison the weights and Adam's moments for good: skip
+                finite = math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in mb_metrics)
+                if finite:
+                    opt.step()
+                    run["updates"] += 1
+                else:
+                    run["skipped_steps"] += 1
+                    bad = True
                 opt.zero_grad(set_to_none=True)
+                row_metrics += mb_metrics
+        run["bad_in_a_row"] = run["bad_in_a_row"] + 1 if bad else 0
         # tok/s counts the real (non-pad) tokens of the step's batch: prompts, completions, both sides of a pair
-        n_tokens += sum(int(v.ne(task.tok.pad_id).sum()) for k, v in batch.items() if k.endswith("ids"))
+        run["n_tokens"] += sum(int(v.ne(task.tok.pad_id).sum()) for k, v in batch.items() if k.endswith("ids"))
         # --- log: averages over the step's micro-batches, plus the batch's own stats
         rec = {"step": step + 1, "lr": lr, **stats}
         for key in (row_metrics[0] if row_metrics else {}):
             rec[key] = sum(r[key] for r in row_metrics) / len(row_metrics)
         if row_metrics:
             rec["grad_norm"] = float(grad_norm)
+        if run["skipped_steps"]:
+            rec["skipped_steps"] = run["skipped_steps"]
+        # a non-finite number is written as null: metrics.jsonl stays valid JSON
+        rec = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in rec.items()}
         elapsed = time.time() - t0
         rec["elapsed"] = elapsed
-        metrics_log.append(rec)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+        run["metrics"].append(rec)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or bad:
             eta = elapsed / (step + 1) * (args.steps - step - 1)
-            extra = " ".join(f"{k} {v:.4g}" for k, v in rec.items() if k not in ("step", "elapsed", "lr"))
-            print(f"[{name}] step {step + 1}/{args.steps} | {extra} | {n_tokens / elapsed / 1e3:.1f}k tok/s | "
+            extra = " ".join(f"{k} {v:.4g}" if v is not None else f"{k} nan" for k, v in rec.items()
+                             if k not in ("step", "elapsed", "lr"))
+            print(f"[{name}] step {step + 1}/{args.steps} | {extra} | {run['n_tokens'] / elapsed / 1e3:.1f}k tok/s | "
                   f"{fmt_time(elapsed)} elapsed, ETA {fmt_time(eta)}", flush=True)
+        if run["bad_in_a_row"] >= args.max_bad_steps:
+            fail(f"[{name}] {run['bad_in_a_row']} steps in a row with a non-finite loss or gradient (step "
+                 f"{step + 1}; try a lower --lr); stopped without saving, {os.path.join(args.out_dir, name)} "
+                 "is as it was")
+        run["step"], run["elapsed"] = step + 1, elapsed
+        if STOP_REQUESTED or ((step + 1) % args.save_every == 0 and step + 1 < args.steps):
+            save_state(state_dir, args, ctx, opt, run)
+        if STOP_REQUESTED:
+            print(f"[{name}] interrupted at step {step + 1}: continue with the same flags and --resume",
+                  file=sys.stderr)
+            sys.exit(130)
+    if run["updates"] == 0:
+        fail(f"[{name}] made no optimizer step in {args.steps} steps (every batch was empty or skipped); "
+             f"{os.path.join(args.out_dir, name)} is as it was")
     # --- held-out pass@1 after, then the atomic checkpoint
+    before = run["before"]
     after = evaluate(policy, task, problems, args) if problems else {}
     if problems:
         report_eval(name, before, after)
@@ -1892,9 +2051,127 @@ def train_stage(user_args, name):
             if key not in ("greedy", "sampled"):
                 print(f"[{name}] held-out {key}: {before.get(key, float('nan')):.4g} -> {after[key]:.4g}")
     out = os.path.join(args.out_dir, name)
-    save_checkpoint(out, policy, task.tok, args, metrics_log, {"before": before, "after": after})
+    save_checkpoint(out, policy, task.tok, args, run["metrics"], {"before": before, "after": after})
+    shutil.rmtree(state_dir, ignore_errors=True)  # the stage is done: nothing left to resume
     print(f"[{name}] saved {out} ({fmt_time(time.time() - t0)})")
     return out
+
+
+# what a stage's ctx holds between steps besides its Shufflers and generators (found wherever they are):
+# rft's current round (its data and stats)
+RESUME_KEYS = ("data", "round", "round_stats")
+UNRESUMED_FLAGS = ("resume", "save_every", "log_every", "max_bad_steps", "threads")  # may change on --resume
+
+
+def save_state(folder, args, ctx, opt, run):
+    """Everything the loop needs to continue bit-identically, in one safetensors file written atomically:
+    the trained weights (policy, critic), AdamW's moments and steps, the torch RNG, and as JSON metadata the
+    run's progress (step, metrics so far), the flags, and the stage's data-order and sampler states."""
+    tensors, meta = {}, {"run": run, "args": resumable_args(args)}
+    for prefix, model in (("policy.", ctx["policy"]), ("critic.", ctx.get("critic"))):
+        if model is not None:
+            tensors.update({prefix + k: v.detach().clone() for k, v in model.state_dict().items()})
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        tensors.update({f"opt.{i}.{k}": v.clone() for k, v in st.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta["ctx"] = ctx_state(ctx, tensors, "ctx")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "state.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".tmp",
+              metadata={"state": json.dumps(meta)})
+    fsync_path(path + ".tmp")
+    os.replace(path + ".tmp", path)  # one file, replaced atomically: a kill leaves the old state or the new
+    write_file(os.path.join(folder, "state.json.tmp"), json.dumps({"step": run["step"]}))
+    os.replace(os.path.join(folder, "state.json.tmp"), os.path.join(folder, "state.json"))  # for people
+    fsync_path(folder)
+
+
+def ctx_state(obj, tensors, key, whole=False):
+    """The resumable part of a stage's ctx as JSON: every Shuffler and generator wherever it sits, and the
+    RESUME_KEYS values whole. Generator states go into tensors, under their key."""
+    if isinstance(obj, Shuffler):
+        version, internal, gauss = obj.rng.getstate()
+        return {"shuffler": [version, list(internal), gauss], "n": obj.n, "order": obj.order}
+    if isinstance(obj, torch.Generator):
+        tensors[key] = obj.get_state()
+        return {"generator": key}
+    if isinstance(obj, dict):
+        return {k: ctx_state(v, tensors, f"{key}.{k}", whole or (key == "ctx" and k in RESUME_KEYS))
+                for k, v in obj.items()
+                if whole or isinstance(v, (Shuffler, torch.Generator, dict)) or (key == "ctx" and k in RESUME_KEYS)}
+    return obj  # a plain JSON value of a RESUME_KEYS entry
+
+
+def restore_ctx(ctx, state, tensors):
+    """Put a ctx_state back into ctx (rebuilt by prepare() exactly as the interrupted run built it)."""
+    for k, v in state.items():
+        if isinstance(v, dict) and "shuffler" in v:
+            ctx[k] = ctx[k] if isinstance(ctx.get(k), Shuffler) else Shuffler(v["n"], 0)
+            version, internal, gauss = v["shuffler"]
+            ctx[k].rng.setstate((version, tuple(internal), gauss))
+            ctx[k].n, ctx[k].order = v["n"], list(v["order"])
+        elif isinstance(v, dict) and "generator" in v:
+            ctx[k].set_state(tensors[v["generator"]])
+        elif isinstance(v, dict):
+            ctx[k] = ctx[k] if isinstance(ctx.get(k), dict) else {}
+            restore_ctx(ctx[k], v, tensors)
+        else:
+            ctx[k] = v
+
+
+def resumable_args(args):
+    return {k: v for k, v in vars(args).items() if not callable(v) and k not in UNRESUMED_FLAGS}
+
+
+def load_state(folder, args, ctx, opt):
+    """The run progress saved by save_state, with the weights, optimizer, RNG and ctx put back; None if there
+    is no state. A state written with other flags is refused with one line."""
+    path = os.path.join(folder, "state.safetensors")
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads(f.metadata()["state"])
+        tensors = load_file(path)
+    except Exception as e:  # a state is ours: anything wrong with it is one line, not a traceback
+        die(f"{path}: not a readable state ({str(e).splitlines()[0]}); delete {folder} to start over")
+    now = json.loads(json.dumps(resumable_args(args)))
+    changed = next((k for k in sorted(set(now) | set(meta["args"])) if now.get(k) != meta["args"].get(k)), None)
+    if changed:
+        die(f"--resume: {path} was written with --{changed.replace('_', '-')} {meta['args'].get(changed)}, "
+            f"this run has {now.get(changed)}; resume with the same flags, or delete {folder}")
+    for prefix, model in (("policy.", ctx["policy"]), ("critic.", ctx.get("critic"))):
+        if model is not None:
+            model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    saved = {}  # AdamW's per-parameter state, by the parameter's index, as opt.state_dict() numbers them
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, i, field = k.split(".", 2)
+            saved.setdefault(int(i), {})[field] = v
+    opt.load_state_dict({**opt.state_dict(), "state": saved})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    restore_ctx(ctx, meta["ctx"], tensors)
+    return meta["run"]
+
+
+def fail(msg):
+    """A run that cannot go on (not bad input): one line on stderr and exit code 1; nothing is saved."""
+    print(f"posttrain: error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+STOP_REQUESTED = False
+
+
+def request_stop(signum, frame):
+    """SIGINT (Ctrl-C): finish the current step, save a resumable state, stop (see train_stage)."""
+    global STOP_REQUESTED
+    STOP_REQUESTED = True
 
 
 def accumulate_gradients(stage, ctx, args, batch, rows):
@@ -1930,19 +2207,22 @@ def fmt_time(s):
 def main(argv=None):
     args = get_args(argv)
     names = [s.strip() for s in args.stage.split(",") if s.strip()]
-    if not names:
-        die("--stage is empty; name a stage or a comma-separated pipeline of stages")
-    for n in names:
-        if n not in STAGES:
-            die(f"--stage {n!r} is not a stage; choose from {', '.join(STAGES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda but no CUDA device is available")
-    # (device "auto" and the bf16 autocast context are resolved per stage, in stage_args)
-    # the stages named first, so that an error names what the user asked for, then those built on the way
-    for n in dict.fromkeys([n for n in names if STAGES[n].run is None] + stages_to_train(args, names)):
-        check_stage_args(stage_args(args, n), n)
+    validate_run(args, names)  # every flag, folder and data file, before anything is written
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     os.makedirs(args.out_dir, exist_ok=True)
+    lock = lock_out_dir(args.out_dir)
+    previous_handler = signal.signal(signal.SIGINT, request_stop)  # Ctrl-C: stop after this step, resumable
+    try:
+        for name in STAGES:
+            recover_folder(os.path.join(args.out_dir, name))  # what a killed save left, in every code path
+        run_stages(args, names)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        lock.close()  # releases the lock
+
+
+def run_stages(args, names):
+    """The stages of --stage in order; each training stage starts from the previous policy's output."""
     outputs = []  # the folders the training stages wrote, in order
     for n in names:
         stage = STAGES[n]
@@ -1960,6 +2240,88 @@ def main(argv=None):
     policies = [o for o, s in outputs if not STAGES[s].score_head]
     if len(policies) > 1 and args.pipeline_eval:
         eval_pipeline(args, policies)
+
+
+def validate_run(args, names):
+    """Refuse bad input with one line before any work: the stage names, every flag of every stage the run
+    will train (those built on the way included), the output folders, the model folders named by flags, and
+    every row of every data file the stages will read. Returns the training plan (stages_to_train)."""
+    if not names:
+        die("--stage is empty; name a stage or a comma-separated pipeline of stages")
+    for n in names:
+        if n not in STAGES:
+            die(f"--stage {n!r} is not a stage; choose from {', '.join(STAGES)}")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        die(f"--stage names {twice} twice; its second run would overwrite the first's {twice} output")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no CUDA device is available")
+    shaped = [f for f in MODEL_FLAGS if getattr(args, f.replace("-", "_")) is not None]
+    if args.init is not None and shaped:
+        die(f"--{shaped[0]} shapes a model made from scratch, but --init {args.init} gives the model; drop it")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        die(f"--out-dir {args.out_dir} is a file, not a folder")
+    parent = next(p for p in (args.out_dir, *parents(args.out_dir)) if os.path.exists(p))
+    if not os.access(parent, os.W_OK):
+        die(f"--out-dir {args.out_dir}: {parent} is not writable")
+    if args.eval_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.eval_out))):
+        die(f"--eval-out {args.eval_out}: its folder does not exist")
+    for flag, folder in (("--init", args.init), ("--teacher", args.teacher), ("--base", args.base),
+                         *(("--ckpt", c) for c in args.ckpt or [])):
+        if folder is not None:
+            check_model_folder(flag, folder)
+    plan = stages_to_train(args, names)
+    # the stages named first, so that an error names what the user asked for, then those built on the way
+    for n in dict.fromkeys(names + plan):
+        check_stage_args(stage_args(args, n), n)
+    # every row of every file, through the tokenizer the run starts from (a pipeline keeps its tokenizer)
+    folder = args.init or args.base or (args.ckpt or [None])[0]
+    task = load_task(args, folder)
+    if folder is not None:
+        with open(os.path.join(folder, "config.json")) as f:
+            context = json.load(f).get("max_position_embeddings", 2048)
+    else:
+        context = args.max_seq_len or STAGES["pretrain"].defaults["max_seq_len"]
+    files = dict.fromkeys(f for n in dict.fromkeys(plan + names) for f in stage_files(n, stage_args(args, n)))
+    for f in files:
+        check_lengths(task, f, task.rows(f), context)
+    return plan
+
+
+def check_lengths(task, name, rows, context):
+    """Refuse a data row whose tokens would not fit the model's context (a prompt must leave room for one
+    generated token): found here, not when the row is first drawn, minutes into training."""
+    tok = task.tok
+    if "text" in rows[0]:
+        n = [len(ids) for ids in tok.documents([r["text"] for r in rows])]
+    else:
+        prompts = [r["prompt"] for r in rows]
+        sides = [k for k in ("completion", "chosen", "rejected") if k in rows[0]]
+        n = [max(x) for x in zip(*[tok.lengths(prompts, [r[k] for r in rows]) for k in sides])] if sides \
+            else [m + 1 for m in tok.lengths(prompts)]
+    i = next((i for i, m in enumerate(n) if m > context), None)
+    if i is not None:
+        die(f"{os.path.join(task.data_dir, name + '.jsonl')}: row {i + 1} is {n[i]} tokens, more than the "
+            f"model's context of {context} (max_position_embeddings / --max-seq-len)")
+
+
+def parents(path):
+    path = os.path.abspath(path)
+    while os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+        yield path
+
+
+def stage_files(name, args):
+    """The data files (names in --data-dir) stage `name` reads with these flags."""
+    prompts = ["sft", "rl"] if args.task == "arith" else ["rl"]  # training_prompts
+    pairs = prompts if args.pairs == "self" else ["pairs"]
+    files = {"pretrain": ["pretrain"], "pretrain-small": ["pretrain"], "sft": ["sft"], "rft": ["rl"],
+             "dpo": pairs, "rm": pairs, "grpo": ["rl"], "ppo": ["rl"], "distill": prompts,
+             "prm": ["rl"] + (["pretrain"] if args.prm_data == "pretrain" else []),
+             "eval": [s for s in EVAL_SPLITS if s == "test" or os.path.exists(
+                 os.path.join(args.data_dir, s + ".jsonl"))]}[name]
+    return files + ([args.eval_split] if args.eval_problems > 0 and name != "eval" else [])
 
 
 if __name__ == "__main__":

@@ -199,6 +199,18 @@ def over_head_chunks(fn, model, hidden, *per_row):
     return out
 
 
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """The final hidden states (B, N, D) that predict each completion token, and those tokens (B, N), by one
+    forward over [prompt; completion]; the LM head is left to the caller (over_head_chunks)."""
+    P = prompt_ids.size(1)
+    ids, mask = sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, P + N) each
+    # hidden[:, P - 1] predicts the first completion token, the last position predicts nothing we have
+    hidden = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, D)
+    # targets: the completion as part of the concatenation, an ordinary tensor even when it came out of the
+    # sampler's inference mode, which autograd may not save for backward
+    return hidden, ids[:, P:]
+
+
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
                      return_logits=False, return_entropy=False):
     """Log-probs (B, N) of completion tokens under model, by one full forward over [prompt; completion].
@@ -219,13 +231,7 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     temperature-scaled logits (B, N, V) themselves, whole, in place of the chunking (distillation compares
     two models' whole distributions).
     """
-    P = prompt_ids.size(1)
-    ids, mask = sequence(prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, P + N) each
-    # hidden[:, P - 1] predicts the first completion token, the last position predicts nothing we have
-    hidden = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, D)
-    # targets: the completion as part of the concatenation, an ordinary tensor even when it came out of the
-    # sampler's inference mode, which autograd may not save for backward
-    targets = ids[:, P:]  # (B, N)
+    hidden, targets = completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
     def score(logits, targets):
         logits = logits.float()  # (b, N, V)

@@ -180,6 +180,17 @@ class Tokenizer:
     def completion_ids(self, text):
         return self.encode(text) + [self.eos_id]
 
+    def lengths(self, prompts, completions=None):
+        """len(prompt_ids(p)) (+ len(completion_ids(c))) for many rows at once, one batched tokenizer call
+        each: for checking that a data file fits the model's context. The texts must encode (check())."""
+        rendered = [self.render(p) for p in prompts]
+        encs = self.tok.encode_batch(rendered, add_special_tokens=not self.use_chat)
+        out = [len(e.ids) + (self.add_bos and not self.use_chat and e.ids[:1] != [self.bos_id]) for e in encs]
+        if completions is not None:
+            encs = self.tok.encode_batch(list(completions), add_special_tokens=False)
+            out = [n + len(e.ids) + 1 for n, e in zip(out, encs)]
+        return out
+
     # --- ids -> text
 
     def decode(self, ids):

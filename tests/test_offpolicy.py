@@ -23,6 +23,7 @@ from posttrain import STAGES
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 TINY = ["--n-layer", "1", "--n-embd", "32", "--threads", "1", "--eval-problems", "6", "--eval-samples", "1",
         "--max-new-tokens", "16"]
+RUN = TINY[4:]  # the same without the model-shape flags, for a run whose --init gives the model
 TOK = Tokenizer(task.DATA_DIR)  # the built-in character-level tokenizer
 
 
@@ -158,7 +159,7 @@ def test_sequence_logps_count_completion_tokens_only(tmp_path):
 def test_dpo_preference_accuracy_rises_on_held_out_pairs(tmp_path, toy_data):
     init = tiny_checkpoint(tmp_path / "init")
     posttrain.main(["--stage", "dpo", "--init", init, "--data-dir", toy_data, "--out-dir",
-                    str(tmp_path / "out"), "--steps", "30", "--lr", "3e-3", "--beta", "0.5"] + TINY)
+                    str(tmp_path / "out"), "--steps", "30", "--lr", "3e-3", "--beta", "0.5"] + RUN)
     ev = json.loads((tmp_path / "out" / "dpo" / "eval.json").read_text())
     assert ev["before"]["pair_acc"] == 0.5
     assert ev["after"]["pair_acc"] > 0.9
@@ -196,7 +197,7 @@ def test_self_pairs_pair_a_fully_right_sample_with_a_wrong_one(tmp_path, monkeyp
 def test_reward_model_ranks_held_out_pairs_after_short_training(tmp_path, toy_data):
     init = tiny_checkpoint(tmp_path / "init")
     posttrain.main(["--stage", "rm", "--init", init, "--data-dir", toy_data, "--out-dir",
-                    str(tmp_path / "out"), "--steps", "30", "--lr", "3e-3"] + TINY)
+                    str(tmp_path / "out"), "--steps", "30", "--lr", "3e-3"] + RUN)
     ev = json.loads((tmp_path / "out" / "rm" / "eval.json").read_text())
     assert ev["before"]["pair_acc"] == 0.5  # a zero-initialised head scores every sequence 0: all ties
     assert ev["after"]["pair_acc"] > 0.9
@@ -245,7 +246,7 @@ def fresh_out(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("out"))
     data = small_data(tmp_path_factory.mktemp("data"))
     posttrain.main(["--stage", "distill", "--out-dir", out, "--data-dir", data, "--steps", "2",
-                    "--batch-size", "4", "--group-size", "2"] + TINY)
+                    "--batch-size", "4", "--group-size", "2", "--no-dynamic-sampling"] + TINY)
     return out, data
 
 
@@ -282,7 +283,7 @@ def test_pipeline_runs_the_eval_over_every_stage(fresh_out):
     # sft -> distill: distill's teacher is the previous stage's output, its student starts from pretrain-small
     fresh_out, data = fresh_out
     posttrain.main(["--stage", "sft,distill", "--out-dir", fresh_out, "--data-dir", data, "--steps", "2",
-                    "--batch-size", "4", "--group-size", "2", "--eval-n", "2"] + TINY)
+                    "--batch-size", "4", "--group-size", "2", "--eval-n", "2", "--no-dynamic-sampling"] + TINY)
     saved = json.loads(open(os.path.join(fresh_out, "distill", "args.json")).read())
     assert saved["teacher"] == os.path.join(fresh_out, "sft")
     assert saved["init"] == os.path.join(fresh_out, "pretrain-small")

@@ -174,3 +174,16 @@ def test_missing_answer_file_is_named(tmp_path, capsys):
         t.rows("rl")
     err = capsys.readouterr().err
     assert os.path.join(str(tmp_path), "rl.jsonl") in err and err.count("\n") == 1
+
+
+def test_a_row_longer_than_the_context_is_refused_before_training(tmp_path, refused):
+    # a 200-character prompt does not fit the 128-token context of a model made from scratch; a pipeline
+    # must not train pretrain first and find out when sft draws the row
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("pretrain", "test"):
+        (data / f"{name}.jsonl").write_text(open(os.path.join(task.DATA_DIR, f"{name}.jsonl")).read())
+    (data / "sft.jsonl").write_text(json.dumps({"prompt": "1+" * 100 + "1=", "completion": "#101"}) + "\n")
+    err = refused("--stage", "pretrain,sft", "--data-dir", str(data), "--out-dir", str(tmp_path / "out"))
+    assert f"{data / 'sft.jsonl'}: row 1" in err and "context of 128" in err
+    assert not (tmp_path / "out" / "pretrain").exists()
