@@ -536,7 +536,10 @@ def lock_out_dir(out_dir):
 
     An flock dies with its process, so a lock file left by a killed run blocks nothing."""
     import fcntl
-    f = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        f = open(os.path.join(out_dir, ".lock"), "a")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1743,7 +1746,12 @@ def run_eval(user_args, name):
     with open(out + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
     os.replace(out + ".tmp", out)  # atomic, like the checkpoints
-    print(f"[eval] wrote {out}")
+    stem = out[:-len(".json")] if out.endswith(".json") else out
+    for path, svg in ((stem + "_passk.svg", pass_at_k_svg(res)), (stem + "_support.svg", support_svg(res))):
+        with open(path + ".tmp", "w") as f:
+            f.write(svg)
+        os.replace(path + ".tmp", path)
+    print(f"[eval] wrote {out}, {stem}_passk.svg, {stem}_support.svg")
     return out
 
 
@@ -1888,6 +1896,80 @@ def print_eval_table(res):
                      f"+{vp['gained']}/-{vp['lost']}".rjust(13),
                      f"{o['kl_base']:.2f} ±{o['kl_base_se']:.2f}".rjust(17), f"{o['entropy']:9.3f}"]
             print("".join(cells))
+
+
+# pictures of an eval.json, as SVG written by hand (no plotting dependency): one panel per split
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+PANEL_W, PANEL_H, MARGIN = 360, 240, 48
+
+
+def svg_document(panels, title, n_rows_legend):
+    """Panels side by side (each a list of SVG elements drawn in a PANEL_W x PANEL_H box at the origin)."""
+    width, height = len(panels) * (PANEL_W + MARGIN) + MARGIN, PANEL_H + 2 * MARGIN + 16 * n_rows_legend
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{MARGIN}" y="18" font-size="13">{title}</text>']
+    for i, elements in enumerate(panels):
+        out.append(f'<g transform="translate({MARGIN + i * (PANEL_W + MARGIN)},{MARGIN})">')
+        out += elements
+        out.append("</g>")
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def legend(names, y):
+    return [f'<rect x="{8 + 120 * (i % 3)}" y="{y + 16 * (i // 3) - 8}" width="10" height="10" '
+            f'fill="{COLORS[i % len(COLORS)]}"/><text x="{22 + 120 * (i % 3)}" y="{y + 16 * (i // 3) + 1}">'
+            f'{name}</text>' for i, name in enumerate(names)]
+
+
+def pass_at_k_svg(res):
+    """pass@k for k = 1..n (x on a log scale), one line per checkpoint, one panel per split."""
+    n, rows = res["n"], res["checkpoints"]
+    ks = list(range(1, n + 1))
+    x = (lambda k: PANEL_W * math.log(k) / math.log(n)) if n > 1 else (lambda k: PANEL_W / 2)
+    panels = []
+    for split in res["problems"]:
+        el = [f'<rect width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#999"/>',
+              f'<text x="0" y="-6">{split}: pass@k (%), k = 1..{n}, log scale</text>']
+        for frac in (0, 0.25, 0.5, 0.75, 1):
+            y = PANEL_H * (1 - frac)
+            el.append(f'<line x1="0" x2="{PANEL_W}" y1="{y}" y2="{y}" stroke="#eee"/>'
+                      f'<text x="-6" y="{y + 4}" text-anchor="end">{100 * frac:.0f}</text>')
+        el += [f'<text x="{x(k)}" y="{PANEL_H + 14}" text-anchor="middle">{k}</text>'
+               for k in sorted({1, n} | {2 ** i for i in range(n.bit_length()) if 2 ** i <= n})]
+        for i, r in enumerate(rows):
+            counts = r[split]["counts"]
+            curve = [sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks]
+            points = " ".join(f"{x(k):.1f},{PANEL_H * (1 - v):.1f}" for k, v in zip(ks, curve))
+            el.append(f'<polyline points="{points}" fill="none" stroke="{COLORS[i % len(COLORS)]}" '
+                      'stroke-width="2"/>')
+        el += legend([r["name"] for r in rows], PANEL_H + 34)
+        panels.append(el)
+    return svg_document(panels, "held-out pass@k per checkpoint", math.ceil(len(rows) / 3))
+
+
+def support_svg(res):
+    """Problems gained (up) and lost (down) against the base, per checkpoint after it, one panel per split."""
+    rows = res["checkpoints"][1:]
+    panels = []
+    for split, n_problems in res["problems"].items():
+        top = max([1] + [max(r[split]["vs_base"]["gained"], r[split]["vs_base"]["lost"]) for r in rows])
+        mid, w = PANEL_H / 2, PANEL_W / max(1, len(rows))
+        el = [f'<rect width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#999"/>',
+              f'<text x="0" y="-6">{split}: problems gained (up) / lost (down) vs the base, of {n_problems}</text>',
+              f'<line x1="0" x2="{PANEL_W}" y1="{mid}" y2="{mid}" stroke="#333"/>']
+        for i, r in enumerate(rows):
+            gained, lost = r[split]["vs_base"]["gained"], r[split]["vs_base"]["lost"]
+            hg, hl, x0 = mid * gained / top, mid * lost / top, i * w + w * 0.2
+            el.append(f'<rect x="{x0:.1f}" y="{mid - hg:.1f}" width="{w * 0.6:.1f}" height="{hg:.1f}" '
+                      f'fill="#2ca02c"/><text x="{x0 + w * 0.3:.1f}" y="{mid - hg - 3:.1f}" '
+                      f'text-anchor="middle">+{gained}</text>')
+            el.append(f'<rect x="{x0:.1f}" y="{mid:.1f}" width="{w * 0.6:.1f}" height="{hl:.1f}" fill="#d62728"/>'
+                      f'<text x="{x0 + w * 0.3:.1f}" y="{mid + hl + 12:.1f}" text-anchor="middle">-{lost}</text>')
+            el.append(f'<text x="{x0 + w * 0.3:.1f}" y="{PANEL_H + 14}" text-anchor="middle">{r["name"]}</text>')
+        panels.append(el)
+    return svg_document(panels, f"support change vs the base ({res['checkpoints'][0]['name']}), "
+                                f"solved at least once in n = {res['n']} samples", 0)
 
 
 def eval_pipeline(user_args, outputs):
@@ -2051,7 +2133,12 @@ def train_stage(user_args, name):
             if key not in ("greedy", "sampled"):
                 print(f"[{name}] held-out {key}: {before.get(key, float('nan')):.4g} -> {after[key]:.4g}")
     out = os.path.join(args.out_dir, name)
-    save_checkpoint(out, policy, task.tok, args, run["metrics"], {"before": before, "after": after})
+    try:
+        save_checkpoint(out, policy, task.tok, args, run["metrics"], {"before": before, "after": after})
+    except OSError as e:  # a full or failing disk: the previous checkpoint is still whole, say so
+        shutil.rmtree(out + ".tmp", ignore_errors=True)
+        fail(f"[{name}] could not write {out}.tmp ({e}); {out} is as it was; --resume continues from the last "
+             f"state in {state_dir}, if one was saved")
     shutil.rmtree(state_dir, ignore_errors=True)  # the stage is done: nothing left to resume
     print(f"[{name}] saved {out} ({fmt_time(time.time() - t0)})")
     return out
@@ -2207,18 +2294,27 @@ def fmt_time(s):
 def main(argv=None):
     args = get_args(argv)
     names = [s.strip() for s in args.stage.split(",") if s.strip()]
-    validate_run(args, names)  # every flag, folder and data file, before anything is written
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    os.makedirs(args.out_dir, exist_ok=True)
-    lock = lock_out_dir(args.out_dir)
-    previous_handler = signal.signal(signal.SIGINT, request_stop)  # Ctrl-C: stop after this step, resumable
-    try:
+    lock = None
+    if os.path.isdir(args.out_dir):
+        # the lock first, then repair what a killed save left there, so that validation (say of --init
+        # OUT_DIR/sft) and every later code path only ever see complete checkpoints
+        lock = lock_out_dir(args.out_dir)
         for name in STAGES:
-            recover_folder(os.path.join(args.out_dir, name))  # what a killed save left, in every code path
-        run_stages(args, names)
+            recover_folder(os.path.join(args.out_dir, name))
+    try:
+        validate_run(args, names)  # every flag, folder and data file, before anything is written
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        if lock is None:
+            os.makedirs(args.out_dir, exist_ok=True)
+            lock = lock_out_dir(args.out_dir)
+        previous_handler = signal.signal(signal.SIGINT, request_stop)  # Ctrl-C: stop after the step, resumable
+        try:
+            run_stages(args, names)
+        finally:
+            signal.signal(signal.SIGINT, previous_handler)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        lock.close()  # releases the lock
+        if lock is not None:
+            lock.close()  # releases the lock
 
 
 def run_stages(args, names):

@@ -105,3 +105,38 @@ def test_eval_stage_kl_zero_for_a_copy_of_the_base(tmp_path):
         assert s["entropy"] < b["entropy"]
         assert sorted(k for k in b if k.startswith("pass@")) == ["pass@1", "pass@2", "pass@4"]
     assert os.path.exists(out)
+
+
+def test_pass_at_k_and_support_pictures_are_svg_of_the_numbers():
+    import xml.etree.ElementTree as ET
+    n = 4
+    rows = [{"name": name, "test": {"counts": counts, "vs_base": vs}} for name, counts, vs in (
+        ("base", [0, 1, 4, 2], {"gained": 0, "lost": 0}), ("sft", [4, 4, 0, 3], {"gained": 0, "lost": 2}))]
+    res = {"n": n, "problems": {"test": 4}, "checkpoints": rows}
+    svg = ET.fromstring(posttrain.pass_at_k_svg(res))
+    lines = [e for e in svg.iter() if e.tag.endswith("polyline")]
+    assert len(lines) == 2  # one curve per checkpoint
+    for line, r in zip(lines, rows):
+        points = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+        assert len(points) == n  # k = 1..n
+        # the first point is pass@1 = mean(c) / n, the last pass@n = share of problems solved at least once
+        pass1 = sum(r["test"]["counts"]) / (n * 4)
+        passn = sum(c > 0 for c in r["test"]["counts"]) / 4
+        assert abs(points[0][1] - posttrain.PANEL_H * (1 - pass1)) < 0.06
+        assert abs(points[-1][1] - posttrain.PANEL_H * (1 - passn)) < 0.06
+        assert points[0][0] == 0 and abs(points[-1][0] - posttrain.PANEL_W) < 0.06
+    bars = ET.fromstring(posttrain.support_svg(res))
+    texts = [e.text for e in bars.iter() if e.tag.endswith("text")]
+    assert "+0" in texts and "-2" in texts and "sft" in texts
+
+
+def test_seed_summary_is_mean_and_sd_across_seeds_of_the_paired_changes():
+    import seeds
+    # seed 1: 2 problems, 0 -> 1 on one of them: +50 points; seed 2: +0 points
+    evals = {1: {"before": {"greedy": [0.0, 1.0]}, "after": {"greedy": [1.0, 1.0]}},
+             2: {"before": {"greedy": [1.0, 0.0]}, "after": {"greedy": [1.0, 0.0]}}}
+    g = seeds.summarise(evals)["greedy"]
+    assert [p["change"] for p in g["per_seed"]] == [50.0, 0.0]
+    assert g["change_mean"] == 25.0 and abs(g["change_sd"] - 50 / 2 ** 0.5) < 1e-9
+    assert abs(g["per_seed"][0]["paired_se"] - 50.0) < 1e-9  # sd of the differences (100, 0) / sqrt(2)
+    assert g["after_mean"] == 75.0
