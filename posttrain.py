@@ -37,11 +37,11 @@ import rollout
 from data import answer as answer_task
 from data import task as arith
 from data.tokenizer import Tokenizer
-from losses.advantages import gae, group_advantages, process_advantages, rloo_advantages
+from losses.advantages import gae, group_advantages, overlong_penalty, process_advantages, rloo_advantages
 from losses.common import IGNORE_INDEX, masked_mean, token_logprobs
-from losses.distill import generalized_jsd_loss, kl_distill_loss
-from losses.dpo import dpo_loss, reward_model_loss, simpo_loss
-from losses.policy import aggregate_loss, kl_penalty, policy_loss, value_loss
+from losses.distill import generalized_jsd_loss, kl_distill_loss, token_reverse_kl_pg_loss
+from losses.dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
+from losses.policy import aggregate_loss, cispo_loss, gspo_loss, kl_penalty, policy_loss, tis_weights, value_loss
 from losses.prm import prm_loss
 from losses.sft import sft_loss
 from model import GPT, GPTConfig
@@ -108,9 +108,21 @@ def get_args(argv=None):
     g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each rollout batch")
     g.add_argument("--minibatch-size", type=int, default=None,
                    help="rows per optimizer step inside a rollout batch (default: the whole batch)")
-    g.add_argument("--clip-low", type=float, default=0.2, help="PPO clip: ratio floor is 1 - clip_low")
-    g.add_argument("--clip-high", type=float, default=0.2,
-                   help="PPO clip: ratio ceiling is 1 + clip_high (DAPO clip-higher uses 0.28)")
+    g.add_argument("--policy-loss", default="ppo", choices=["ppo", "gspo", "cispo"],
+                   help="grpo / ppo: the clipped token ratio (ppo), GSPO's clipped sequence ratio (grpo only), or "
+                        "CISPO's REINFORCE with a clipped, detached token weight")
+    g.add_argument("--clip-low", type=float, default=None,
+                   help="clip: ratio floor is 1 - clip_low (unset: 0.2; gspo: 3e-4; cispo has no floor)")
+    g.add_argument("--clip-high", type=float, default=None,
+                   help="clip: ratio ceiling is 1 + clip_high (unset: 0.2, DAPO's clip-higher uses 0.28; gspo: "
+                        "4e-4; cispo: 0.28, the cap of its weight)")
+    g.add_argument("--tis-cap", type=float, default=None,
+                   help="grpo / ppo: weigh each token's loss by min(pi_old / pi_sampler, cap), truncated "
+                        "importance sampling for the sampler / trainer mismatch (off if unset)")
+    g.add_argument("--entropy-coef", type=float, default=0.0,
+                   help="grpo / ppo: subtract this times the policy's mean token entropy from the loss")
+    g.add_argument("--overlong-buffer", type=int, default=0,
+                   help="grpo: DAPO's soft overlong punishment over the last N tokens of --max-new-tokens (0: off)")
     g.add_argument("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (off if unset)")
     g.add_argument("--loss-agg", default="token_mean",
                    choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"],
@@ -135,9 +147,13 @@ def get_args(argv=None):
                         "self = --group-size samples per prompt from the init, a fully right vs a wrong one")
     g.add_argument("--pair-prompts", type=int, default=1000,
                    help="dpo, rm: prompts (of sft.jsonl and rl.jsonl) sampled for --pairs self")
-    g.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "simpo"],
-                   help="dpo: DPO (sigmoid; cDPO with --label-smoothing), IPO, hinge (SLiC/RSO), "
-                        "SimPO (no reference)")
+    g.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "simpo", "kto", "orpo"],
+                   help="dpo: DPO (sigmoid; cDPO with --label-smoothing), IPO, hinge (SLiC/RSO), SimPO (no "
+                        "reference), KTO (each pair as one desirable and one undesirable completion), ORPO (SFT + "
+                        "odds ratio, no reference)")
+    g.add_argument("--kto-weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("DESIRABLE", "UNDESIRABLE"),
+                   help="dpo --loss-type kto: lambda_D and lambda_U")
+    g.add_argument("--orpo-lambda", type=float, default=0.1, help="dpo --loss-type orpo: odds-ratio weight")
     g.add_argument("--beta", type=float, default=None,
                    help="dpo: scale of the implicit reward (unset: 0.1; 2.0 for simpo)")
     g.add_argument("--simpo-gamma", type=float, default=0.5,
@@ -150,9 +166,10 @@ def get_args(argv=None):
     g.add_argument("--teacher", default=None,
                    help="distill: the teacher's checkpoint folder (unset: OUT_DIR/grpo, built if missing; "
                         "in a pipeline: the previous stage's output)")
-    g.add_argument("--distill-mode", default="forward", choices=["forward", "reverse", "jsd", "onpolicy"],
-                   help="distill: forward / reverse KL or JSD on teacher samples (off-policy), or JSD on the "
-                        "student's own samples scored by the teacher (onpolicy, GKD)")
+    g.add_argument("--distill-mode", default="forward", choices=["forward", "reverse", "jsd", "onpolicy", "token"],
+                   help="distill: forward / reverse KL or JSD on teacher samples (off-policy); on the student's "
+                        "own samples, JSD over the whole vocabulary (onpolicy, GKD) or a policy gradient with "
+                        "the per-token reverse-KL sample as advantage (token)")
     g.add_argument("--jsd-beta", type=float, default=0.5,
                    help="distill jsd, onpolicy: teacher weight beta of the generalized JSD "
                         "(0 = forward KL, 1 = reverse KL)")
@@ -233,6 +250,9 @@ def stage_args(args, name):
             setattr(out, key, value)
     if out.minibatch_size is None:
         out.minibatch_size = 10**9  # the whole rollout batch in one optimizer step
+    clip_low, clip_high = {"ppo": (0.2, 0.2), "gspo": (3e-4, 4e-4), "cispo": (None, 0.28)}[out.policy_loss]
+    out.clip_low = clip_low if out.clip_low is None else out.clip_low
+    out.clip_high = clip_high if out.clip_high is None else out.clip_high
     if out.kl_kind is None:
         # k1 wherever the KL is a reward (ppo always; grpo --kl-in reward), k3 in the loss (DeepSeekMath)
         out.kl_kind = "k1" if name == "ppo" or out.kl_in == "reward" else "k3"
@@ -255,6 +275,8 @@ FLAG_RANGES = {
         "eval-problems", "eval-samples", "warmup", "weight-decay", "kl-coef", "temperature", "rpo-alpha",
         "simpo-gamma", "vf-coef", "value-clip", "clip-high")},
     "lr": (lambda v: v > 0, "> 0"), "grad-clip": (lambda v: v > 0, "> 0"), "beta": (lambda v: v > 0, "> 0"),
+    "tis-cap": (lambda v: v >= 1, ">= 1"), "entropy-coef": (lambda v: v >= 0, ">= 0"),
+    "overlong-buffer": (lambda v: v >= 0, ">= 0"), "orpo-lambda": (lambda v: v >= 0, ">= 0"),
     "clip-low": (lambda v: 0 <= v < 1, "in [0, 1)"), "dual-clip": (lambda v: v > 1, "> 1"),
     "jsd-beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "label-smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -272,6 +294,15 @@ def check_stage_args(args, name):
         value = getattr(args, flag.replace("-", "_"))
         if value is not None and not (math.isfinite(value) and ok(value)):
             die(f"--{flag} must be {what}, got {value}")
+    if args.policy_loss == "gspo" and name == "ppo":
+        die("--policy-loss gspo is a sequence ratio for one advantage per sequence (grpo); ppo's GAE gives one "
+            "per token: use --policy-loss ppo or cispo")
+    if args.policy_loss == "gspo" and args.reward == "prm":
+        die("--policy-loss gspo needs one advantage per sequence; --reward prm gives one per token")
+    if args.policy_loss == "gspo" and args.tis_cap is not None:
+        die("--tis-cap weighs tokens; --policy-loss gspo has one ratio per sequence: use one of them")
+    if args.overlong_buffer > args.max_new_tokens:
+        die(f"--overlong-buffer {args.overlong_buffer} is longer than --max-new-tokens {args.max_new_tokens}")
     if name == "grpo" and args.group_size < 2:
         die(f"--group-size {args.group_size}: grpo's advantages compare the samples of a prompt, it needs >= 2")
     scratch = args.init is None and STAGES[name].init is None and STAGES[name].run is None  # a new model
@@ -659,10 +690,11 @@ def chunked_logps(model, roll, args):
 def completion_forward(model, mb, args):
     """Training forward over [prompt; completion] -> completion log-probs (B, N) and the entropy (B, N) of each
     position, fp32, of logits / temperature: rollout.completion_logps, the one log-prob path, under the
-    stage's autocast."""
+    stage's autocast. The entropy carries a gradient only for an entropy bonus (--entropy-coef)."""
     with args.amp():
         return rollout.completion_logps(model, mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
-                                        mb["completion_mask"], temperature=args.temperature, return_entropy=True)
+                                        mb["completion_mask"], temperature=args.temperature, return_entropy=True,
+                                        entropy_grad=getattr(args, "entropy_coef", 0) > 0)
 
 
 def completion_scores(model, mb, args, shift=False):
@@ -897,10 +929,10 @@ def setup_dpo(args, policy, task):
     """Training and held-out pairs, and the frozen reference's log-probs of both (not for simpo), computed once
     here by a copy of the init that is then freed."""
     if args.beta is None:
-        # SimPO's beta scales an average log-prob, DPO's a sum
+        # SimPO's beta scales an average log-prob, DPO's (and KTO's) a sum
         args.beta = 2.0 if args.loss_type == "simpo" else 0.1
     ctx = setup_pairs(args, policy, task)
-    if args.loss_type != "simpo":  # SimPO has no reference
+    if args.loss_type not in ("simpo", "orpo"):  # SimPO and ORPO have no reference
         ref = load_model(args.init_folder, args.device).eval().requires_grad_(False)
         for split in (ctx["train"], ctx["heldout"]):
             split["ref_chosen_logps"], split["ref_rejected_logps"] = pair_logps(ref, split, args)
@@ -1026,12 +1058,27 @@ def dpo_terms(model, args, mb):
     """Per-pair losses (B,) of --loss-type and the implicit rewards of chosen and rejected (B,), detached."""
     chosen = sequence_logps(model, mb["chosen_ids"], mb["chosen_mask"], args)  # (B,) log pi(y_c | x)
     rejected = sequence_logps(model, mb["rejected_ids"], mb["rejected_mask"], args)  # (B,) log pi(y_r | x)
+    chosen_avg = chosen / mb["chosen_mask"].sum(1)  # (B,) per-token average log-probs
+    rejected_avg = rejected / mb["rejected_mask"].sum(1)  # (B,)
     if args.loss_type == "simpo":
         # no reference: SimPO's implicit reward is beta times the per-token average log-prob
-        chosen_avg = chosen / mb["chosen_mask"].sum(1)  # (B,)
-        rejected_avg = rejected / mb["rejected_mask"].sum(1)  # (B,)
         losses = simpo_loss(chosen_avg, rejected_avg, beta=args.beta, gamma=args.simpo_gamma)  # (B,)
         return losses, args.beta * chosen_avg.detach(), args.beta * rejected_avg.detach()
+    if args.loss_type == "orpo":
+        # no reference either; the rewards logged are the average log-probs themselves
+        losses, _ = orpo_loss(chosen_avg, rejected_avg, lam=args.orpo_lambda)  # (B,)
+        return losses, chosen_avg.detach(), rejected_avg.detach()
+    if args.loss_type == "kto":
+        # each pair is two unpaired examples, its chosen desirable and its rejected undesirable; z0, the
+        # reference point, is the micro-batch's mean implied reward, clamped at 0 and detached
+        policy = torch.cat([chosen, rejected])  # (2B,)
+        ref = torch.cat([mb["ref_chosen_logps"], mb["ref_rejected_logps"]])  # (2B,)
+        desirable = torch.arange(len(policy), device=policy.device) < len(chosen)  # (2B,)
+        z0 = (policy - ref).mean().clamp(min=0).detach()
+        losses, rewards = kto_loss(policy, ref, desirable, z0, beta=args.beta, desirable_weight=args.kto_weights[0],
+                                   undesirable_weight=args.kto_weights[1])  # (2B,) each
+        B = len(chosen)
+        return (losses[:B] + losses[B:]) / 2, rewards[:B], rewards[B:]
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen, rejected, mb["ref_chosen_logps"], mb["ref_rejected_logps"], beta=args.beta,
         loss_type=args.loss_type, label_smoothing=args.label_smoothing)  # 3 x (B,)
@@ -1217,6 +1264,10 @@ def grpo_batch(ctx, args, step):
         # KL as a per-sequence penalty folded into the reward before the group normalisation. kl_kind is k1
         # here (main refuses k2 / k3): only k1 in a reward has the gradient of KL(pi || ref).
         rewards = rewards - args.kl_coef * (kl * mask).sum(1)  # (B',)
+    if args.overlong_buffer:
+        # DAPO's length shaping, after the groups were chosen on the outcome: among the kept groups a long or
+        # cut-off completion scores a little less than a short one with the same outcome
+        rewards = rewards + overlong_penalty(mask.sum(1), args.max_new_tokens, args.overlong_buffer).to(rewards)
     if args.advantage == "rloo":
         adv = rloo_advantages(rewards, G)  # (B',)
     else:
@@ -1227,25 +1278,53 @@ def grpo_batch(ctx, args, step):
         # KL folded into `rewards` above would be lost here)
         adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B', N)
     roll["adv"] = adv
-    # w: the units the loss averages over, per row (tokens for token_mean, sequences otherwise)
-    roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(adv))
+    add_tis_weights(roll, args, stats, mask)
+    # w: the units the loss averages over, per row (tokens for token_mean, sequences otherwise; GSPO's loss is
+    # a mean over sequences whatever --loss-agg says)
+    per_token = args.loss_agg == "token_mean" and args.policy_loss != "gspo"
+    roll["w"] = roll["completion_mask"].sum(1) if per_token else torch.ones(len(adv))
     return roll, stats
+
+
+def add_tis_weights(roll, args, stats, mask):
+    """--tis-cap: the truncated importance weights between the sampler's log-probs and the trainer's old ones,
+    for every row (grpo and ppo); their statistics go into the step's log."""
+    if args.tis_cap is not None:
+        roll["tis_w"], m = tis_weights(roll["old_logps"], roll["sampler_logps"], mask, cap=args.tis_cap)
+        stats.update({k: v.item() for k, v in m.items()})
+
+
+def surrogate(logps, mb, args, mask):
+    """The policy term of grpo and ppo (--policy-loss) on the batch's advantages, with the --tis-cap weights."""
+    if args.policy_loss == "gspo":
+        return gspo_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low, clip_high=args.clip_high)
+    if args.policy_loss == "cispo":
+        return cispo_loss(logps, mb["old_logps"], mb["adv"], mask, clip_high=args.clip_high, loss_agg=args.loss_agg,
+                          norm_len=args.max_new_tokens, weights=mb.get("tis_w"))
+    # Dr. GRPO's constant normaliser is the generation budget, the same for every batch
+    return policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low, clip_high=args.clip_high,
+                       dual_clip=args.dual_clip, loss_agg=args.loss_agg, norm_len=args.max_new_tokens,
+                       weights=mb.get("tis_w"))
+
+
+def entropy_bonus(loss, entropy, mask, args, metrics):
+    """The token entropy (B, N), logged; with --entropy-coef c, minus c times it aggregated like the loss."""
+    if args.entropy_coef > 0:
+        loss = loss - args.entropy_coef * aggregate_loss(entropy, mask, args.loss_agg, norm_len=args.max_new_tokens)
+    metrics["entropy"] = masked_mean(entropy.detach(), mask).item()
+    return loss
 
 
 def grpo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     logps, entropy = completion_forward(ctx["policy"], mb, args)  # (B, N) each
-    # Dr. GRPO's constant normaliser is the generation budget, the same for every batch
-    loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
-                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
-                                norm_len=args.max_new_tokens)
+    loss, metrics = surrogate(logps, mb, args, mask)
     if args.kl_coef > 0 and args.kl_in == "loss":
         kl = kl_penalty(logps, mb["ref_logps"], kind=args.kl_kind, mask=mask)  # (B, N), 0 on padding
         # GRPO eq. 3 puts the KL inside the same 1/|o_i| sum as the surrogate: aggregate it the same way, or
         # its weight would change with the micro-batch size under a sequence-level --loss-agg
         loss = loss + args.kl_coef * aggregate_loss(kl, mask, args.loss_agg, norm_len=args.max_new_tokens)
-    metrics["entropy"] = masked_mean(entropy, mask).item()
-    return loss, metrics
+    return entropy_bonus(loss, entropy, mask, args, metrics), metrics
 
 STAGES["grpo"] = Stage(
     regime="on-policy", role="policy reshaping", init="sft",
@@ -1301,6 +1380,7 @@ def ppo_batch(ctx, args, step):
     explained = 1 - residual / var_returns if var_returns else 0.0
     stats.update(value=masked_mean(roll["old_values"], mask).item(), explained_var=explained,
                  returns=masked_mean(returns, mask).item())
+    add_tis_weights(roll, args, stats, mask)
     roll["w"] = roll["completion_mask"].sum(1) if args.loss_agg == "token_mean" else torch.ones(len(mask))
     return roll, stats
 
@@ -1322,17 +1402,14 @@ def masked_var(x, mask):
 def ppo_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     logps, entropy = completion_forward(ctx["policy"], mb, args)  # (B, N) each
-    loss, metrics = policy_loss(logps, mb["old_logps"], mb["adv"], mask, clip_low=args.clip_low,
-                                clip_high=args.clip_high, dual_clip=args.dual_clip, loss_agg=args.loss_agg,
-                                norm_len=args.max_new_tokens)
+    loss, metrics = surrogate(logps, mb, args, mask)
     values = completion_scores(ctx["critic"], mb, args, shift=True)  # (B, N), with gradient into the critic
     # the value loss is aggregated like the policy loss (as verl does), so both weigh tokens alike and the
     # accumulated gradient does not depend on the micro-batch size
     v_loss = value_loss(values, mb["old_values"], mb["returns"], mask, clip=args.value_clip,
                         loss_agg=args.loss_agg, norm_len=args.max_new_tokens)
     metrics["value_loss"] = v_loss.detach()
-    metrics["entropy"] = masked_mean(entropy, mask).item()
-    return loss + args.vf_coef * v_loss, metrics
+    return entropy_bonus(loss, entropy, mask, args, metrics) + args.vf_coef * v_loss, metrics
 
 STAGES["ppo"] = Stage(
     regime="on-policy", role="policy reshaping", init="sft",
@@ -1633,7 +1710,7 @@ def setup_distill(args, policy, task):
 
 def distill_batch(ctx, args, step):
     # who writes the sequences is the whole difference between off- and on-policy distillation
-    sampler = ctx["policy"] if args.distill_mode == "onpolicy" else ctx["teacher"]
+    sampler = ctx["policy"] if args.distill_mode in ("onpolicy", "token") else ctx["teacher"]
     # one sample per prompt (group size 1): G samples of a prompt from a peaked teacher are near copies, so
     # --group-size 8 would divide the distinct sequences per step by about 8
     one_each = argparse.Namespace(**{**vars(args), "group_size": 1})
@@ -1648,6 +1725,13 @@ def distill_batch(ctx, args, step):
 def distill_loss(ctx, args, mb):
     mask = mb["completion_mask"].float()  # (B, N)
     student, teacher = ctx["policy"], ctx["teacher"]
+    if args.distill_mode == "token":
+        # token-level on-policy distillation: only the two log-probs of each sampled token, no full logits
+        logps, _ = completion_forward(student, mb, args)  # (B, N) with gradient
+        with torch.no_grad():
+            teacher_logps, _ = completion_forward(teacher, mb, args)  # (B, N)
+        loss, kl = token_reverse_kl_pg_loss(logps, teacher_logps, mask)
+        return loss, {"kl_reverse": kl.item()}
     seq = (mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"], mb["completion_mask"])
     temperature = args.temperature if args.temperature > 0 else 1.0  # greedy samples are scored at T = 1
     with args.amp():

@@ -212,7 +212,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0,
-                     return_logits=False, return_entropy=False):
+                     return_logits=False, return_entropy=False, entropy_grad=False):
     """Log-probs (B, N) of completion tokens under model, by one full forward over [prompt; completion].
 
     The ONE function that turns a model's output into completion log-probs: the policy (with gradients), the
@@ -227,7 +227,8 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
 
     prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N). Call it inside the
     autocast context the caller trains in. Returns fp32 logps (B, N); with return_entropy also the entropy
-    (B, N) of each position's tempered distribution (no gradient); with return_logits the fp32,
+    (B, N) of each position's tempered distribution (with gradient only if entropy_grad, for an entropy
+    bonus); with return_logits the fp32,
     temperature-scaled logits (B, N, V) themselves, whole, in place of the chunking (distillation compares
     two models' whole distributions).
     """
@@ -239,7 +240,7 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
             logits = logits / temperature  # NOTE: after the cast to fp32, never before
         out = [gather_logprobs(logits, targets)]  # (b, N)
         if return_entropy:
-            with torch.no_grad():
+            with nullcontext() if entropy_grad else torch.no_grad():
                 out.append(entropy_from_logits(logits))  # (b, N)
         return out + [logits] if return_logits else out
 

@@ -205,3 +205,30 @@ def process_advantages(step_rewards, step_ends, step_mask, group_size, seq_len, 
     at_end = normed.new_zeros(B, seq_len)  # (B, T)
     at_end.scatter_add_(1, ends, normed.masked_fill(~valid, 0.0))  # (B, T)
     return at_end.flip(-1).cumsum(dim=-1).flip(-1)  # (B, T)
+
+
+def overlong_penalty(lengths, max_len, buffer):
+    """DAPO's soft overlong punishment: a reward term for completion length, 0 until the last `buffer` tokens
+    of the budget, then falling linearly to -1 at the budget, -1 beyond it.
+
+    Objective, with L = max_len (the generation budget) and the buffer L_c:
+        0                          if |y| <= L - L_c
+        ((L - L_c) - |y|) / L_c    if L - L_c < |y| <= L
+        -1                         if |y| > L
+    added to the task reward before the group normalisation: long completions cost a little, cut-off ones
+    most, instead of every cut-off one scoring 0 like a plain wrong answer.
+
+    Paper: DAPO, Yu et al. 2025, arXiv 2503.14476, eq. 13 (Sec. 3.4, "Overlong Reward Shaping").
+
+    Args:
+        lengths: (B,) completion lengths in tokens (EOS included).
+        max_len: L; buffer: L_c, 0 < L_c <= L.
+
+    Returns:
+        (B,) float penalties in [-1, 0].
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong_penalty: need 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
+    lengths = lengths.to(torch.float32)
+    soft = ((max_len - buffer) - lengths) / buffer  # (B,)
+    return torch.where(lengths <= max_len - buffer, torch.zeros_like(lengths), soft.clamp(min=-1.0))

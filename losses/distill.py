@@ -122,3 +122,41 @@ def generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.5, tempera
         log_m = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log(1.0 - beta))  # (B,T,V)
         jsd = beta * _kl(teacher_logp, log_m) + (1.0 - beta) * _kl(student_logp, log_m)  # (B, T)
     return masked_mean(jsd, mask)
+
+
+def token_reverse_kl_pg_loss(student_logps, teacher_logps, mask):
+    """Token-level on-policy distillation: a policy gradient whose per-token advantage is the negative
+    reverse-KL sample, on completions the STUDENT sampled.
+
+    Objective, per valid token t of a student sample y (no gradient through the advantage):
+        A_t = -(log p_student(y_t) - log p_teacher(y_t))
+        loss = mean_t ( -A_t * log p_student(y_t) )       (a token mean over the batch)
+    Its expected gradient, over y ~ p_student, is sum_y p(y) (log p(y) - log q(y)) grad log p(y) =
+    grad KL(p_student || p_teacher): the reverse KL's gradient, from one sampled token per position and the
+    teacher's log-prob of that token alone, which scales to any vocabulary. generalized_jsd_loss with
+    beta = 1 (the onpolicy mode) computes the same KL exactly, summed over the whole vocabulary, from both
+    models' full logits.
+
+    Paper: Agarwal et al. 2023 (GKD, arXiv 2306.13649) for on-policy distillation; the per-token reverse-KL
+    advantage is the Qwen3 recipe (Qwen3 technical report, arXiv 2505.09388) and Thinking Machines' "On-Policy
+    Distillation" (2025).
+
+    Args:
+        student_logps: (B, T) log p_student of the sampled tokens, WITH gradient.
+        teacher_logps: (B, T) log p_teacher of the same tokens (detached inside).
+        mask:          (B, T) 1 on tokens that count.
+
+    Returns:
+        loss (0-dim) and the mean per-token reverse-KL sample log p_s - log p_t (a k1 estimate of
+        KL(student || teacher)), detached.
+
+    Value at initialisation, were the student the teacher: every advantage is 0, so loss = 0 with zero
+    gradient.
+
+    Differs from the papers:
+        1. No discount over future tokens (the advantage is the token's own KL sample), as in the Thinking
+           Machines recipe; no clipping (each batch is used once, fresh from the student).
+    """
+    adv = -(student_logps.detach() - teacher_logps.detach())  # (B, T)
+    loss = masked_mean(-adv * student_logps, mask)
+    return loss, masked_mean(-adv, mask).detach()

@@ -1,4 +1,5 @@
-"""Preference losses on whole sequences: DPO (and its cDPO / IPO / hinge variants), SimPO, Bradley-Terry RM.
+"""Preference losses on whole sequences: DPO (and its cDPO / IPO / hinge variants), SimPO, ORPO, KTO (unpaired),
+Bradley-Terry RM.
 
 Every function takes per-sequence numbers (B,) that the caller computed by summing (or averaging) token
 log-probs over exactly the completion tokens, chosen and rejected as SEPARATE arguments (no "first half of the
@@ -153,3 +154,70 @@ def reward_model_loss(chosen_scores, rejected_scores):
            K-choose-2; here each pair is one row and the caller averages over rows.
     """
     return -F.logsigmoid(chosen_scores - rejected_scores)  # (B,)
+
+
+def kto_loss(policy_logps, ref_logps, desirable, kl_ref_point, beta=0.1, desirable_weight=1.0,
+             undesirable_weight=1.0):
+    """KTO: a prospect-theory loss on UNPAIRED completions, each labelled desirable or undesirable.
+
+    Objective, per completion y of prompt x, with the implied reward r = log pi(y|x) - log ref(y|x) and the
+    reference point z0 (an estimate of KL(pi || ref), detached):
+        desirable:    loss = lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable:  loss = lambda_U * (1 - sigmoid(beta * (z0 - r)))
+    (the paper's lambda_y - v(x, y)). A desirable completion gains by rising above the reference point, an
+    undesirable one by falling below it; z0 keeps the policy from gaining by moving every completion at once.
+
+    Paper: Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv 2402.01306,
+    eq. 8 (the KTO loss) and Sec. 4.1 (z0 estimated on the batch, not back-propagated).
+
+    Args:
+        policy_logps, ref_logps: (B,) summed completion log-probs under the policy and the frozen reference.
+        desirable:     (B,) bool, True for a desirable completion.
+        kl_ref_point:  0-dim tensor z0 >= 0 (detached inside); the paper's estimate is the mean of
+                       r over mismatched (x, y') pairs of the batch, clamped at 0.
+        beta:          the reward scale; desirable_weight, undesirable_weight: lambda_D, lambda_U.
+
+    Returns:
+        losses (B,) and the implied rewards beta * r (B,), detached.
+
+    Value at initialisation (policy == reference, z0 = 0): r = 0, so each loss is lambda_y / 2.
+
+    Differs from the paper:
+        1. Returns per-completion losses; average them yourself (the paper: the mean over the batch).
+    """
+    r = policy_logps - ref_logps  # (B,)
+    z0 = kl_ref_point.detach()
+    loss_d = desirable_weight * (1 - torch.sigmoid(beta * (r - z0)))  # (B,)
+    loss_u = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r)))  # (B,)
+    return torch.where(desirable, loss_d, loss_u), (beta * r).detach()
+
+
+def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
+    """ORPO: supervised fine-tuning on the chosen completion plus a log odds-ratio penalty, no reference model.
+
+    Objective, per pair, with p = exp(average per-token log-prob) of a completion and odds(y) = p / (1 - p):
+        loss = -log p_chosen_avg  -  lam * log sigmoid( log odds(y_chosen) - log odds(y_rejected) )
+    where -log p_chosen_avg = -chosen_avg_logps is the per-token NLL of the chosen completion (the SFT term).
+
+    Paper: Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model",
+    arXiv 2403.07691, eq. 6-8; lam = 0.1 in most of its experiments.
+
+    Args:
+        chosen_avg_logps, rejected_avg_logps: (B,) per-token AVERAGE log-probs (sum / number of completion
+            tokens) under the policy, each < 0.
+        lam: weight of the odds-ratio term.
+
+    Returns:
+        losses (B,) and the log odds ratio (B,), detached.
+
+    Value on hand-worked numbers: p_chosen = 1/2, p_rejected = 1/4 give odds 1 and 1/3, log odds ratio ln 3,
+    and loss = ln 2 + lam * ln(4/3).
+
+    Differs from the paper:
+        1. log(1 - p) is computed as log(-expm1(log p)), exact even where p is close to 1.
+    """
+    def log_odds(avg):
+        return avg - torch.log(-torch.expm1(avg))  # log p - log(1 - p), (B,)
+
+    ratio = log_odds(chosen_avg_logps) - log_odds(rejected_avg_logps)  # (B,)
+    return -chosen_avg_logps - lam * F.logsigmoid(ratio), ratio.detach()

@@ -1,5 +1,7 @@
-"""On-policy RL losses on per-token log-probs: the clipped policy loss (PPO / GRPO / DAPO / Dr. GRPO), the KL
-penalty estimators k1 / k2 / k3, the clipped value loss, and the entropy of the policy.
+"""On-policy RL losses on per-token log-probs: the clipped policy loss (PPO / GRPO / DAPO / Dr. GRPO), its
+sequence-level (GSPO) and clipped-weight (CISPO) variants, truncated importance-sampling weights for the
+sampler / trainer mismatch, the KL penalty estimators k1 / k2 / k3, the clipped value loss, and the entropy of
+the policy.
 
 All tensors are response-only, shape (B, T), with a 0/1 mask that is 1 on generated tokens up to and including
 EOS. Padded positions may hold anything finite; they never change a result.
@@ -67,6 +69,7 @@ def policy_loss(
     dual_clip=None,
     loss_agg="token_mean",
     norm_len=None,
+    weights=None,
 ):
     """Clipped surrogate policy loss (PPO), with asymmetric clip (DAPO), dual clip, and a NAMED aggregation.
 
@@ -103,6 +106,8 @@ def policy_loss(
         norm_len:   the constant of "seq_mean_token_sum_norm". None means T, the PADDED length of this batch,
                     which changes with padding; pass the generation budget (max_new_tokens) to make it a true
                     constant.
+        weights:    None, or (B, T) constant per-token weights of the loss (e.g. tis_weights, for the
+                    sampler / trainer mismatch), detached inside.
 
     Returns:
         loss: 0-dim tensor to minimise.
@@ -160,6 +165,8 @@ def policy_loss(
         dual_active = (adv < 0) & (loss_tok > cap)  # (B, T)
         loss_tok = torch.where(adv < 0, torch.minimum(loss_tok, cap), loss_tok)  # (B, T)
 
+    if weights is not None:
+        loss_tok = loss_tok * weights.detach()  # (B, T)
     loss = aggregate_loss(loss_tok, mask, loss_agg, norm_len)
 
     with torch.no_grad():
@@ -170,6 +177,133 @@ def policy_loss(
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, metrics
+
+
+def gspo_loss(logps, old_logps, advantages, mask, clip_low=3e-4, clip_high=4e-4):
+    """GSPO: the clipped surrogate on ONE importance ratio per sequence, the geometric mean of its tokens'.
+
+    Objective, per sequence b with n_b valid tokens and advantage A_b:
+        s_b = exp( (1 / n_b) * sum_t (logps - old_logps) )               the length-normalised sequence ratio
+        l_b = -min(s_b * A_b, clip(s_b, 1 - clip_low, 1 + clip_high) * A_b)
+        loss = mean_b l_b                                                 (over sequences with n_b > 0)
+    Its gradient, where the clip is not active: -A_b * s_b * (1 / n_b) * sum_t grad log pi(y_{b,t}): every token
+    of a sequence moves with the same weight, unlike the token ratios of policy_loss, each clipped alone.
+
+    Paper: Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, eq. 5-7; the clip range
+    of its experiments is 3e-4 / 4e-4 (Sec. 5.1), the defaults here: a sequence ratio is an average of
+    log-ratios and moves far less than a token ratio, so PPO's 0.2 would never clip.
+
+    Args:
+        logps, old_logps: (B, T) as in policy_loss (old_logps detached inside).
+        advantages:       (B,) one per sequence (GRPO's group-normalised rewards); detached inside.
+        mask:             (B, T) 1 on tokens that count.
+        clip_low, clip_high: the band [1 - clip_low, 1 + clip_high] of the sequence ratio.
+
+    Returns:
+        loss: 0-dim tensor; metrics: dict of detached 0-dim tensors, means over sequences: "clip_frac" (share of
+        sequences whose clipped term is active), "ratio_mean" (mean s_b), "approx_kl" (token-level k3 of
+        KL(pi_old || pi), as policy_loss logs it).
+
+    Value at initialisation (logps == old_logps): s_b = 1 exactly, the loss is -mean_b A_b, clip_frac 0.
+
+    Differs from the paper:
+        1. A loss to minimise (the paper's objective, negated); the mean is over sequences with a valid token.
+        2. The sequence ratio is computed in log space and masked before exp, so padding never overflows.
+    """
+    valid = mask.bool()  # (B, T)
+    n = valid.sum(-1)  # (B,)
+    log_ratio = (logps - old_logps.detach()).masked_fill(~valid, 0.0)  # (B, T)
+    seq_log_ratio = log_ratio.sum(-1) / n.clamp(min=1)  # (B,) mean token log-ratio
+    ratio = torch.exp(seq_log_ratio)  # (B,)
+    adv = advantages.detach()  # (B,)
+    loss_unclipped = -adv * ratio  # (B,)
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # (B,)
+    loss_seq = torch.maximum(loss_unclipped, loss_clipped)  # (B,)
+    rows = n > 0  # (B,)
+    loss = masked_mean(loss_seq, rows)
+    with torch.no_grad():
+        metrics = {"clip_frac": masked_mean((loss_clipped > loss_unclipped).to(loss_seq.dtype), rows),
+                   "ratio_mean": masked_mean(ratio, rows),
+                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask)}
+    return loss, metrics
+
+
+def cispo_loss(logps, old_logps, advantages, mask, clip_high=0.28, loss_agg="token_mean", norm_len=None,
+               weights=None):
+    """CISPO: REINFORCE on every token, weighted by its importance ratio clipped from above and detached.
+
+    Objective, per valid token, with r = exp(logps - old_logps):
+        l = -sg(min(r, 1 + clip_high)) * A * logps                         sg = stop-gradient (detach)
+    then aggregate_loss(l, mask, loss_agg, norm_len). Its gradient is -min(r, 1 + clip_high) * A * grad logps
+    on EVERY token: where PPO's clip would zero a token's gradient (r > 1 + eps with A > 0), CISPO keeps it,
+    with a bounded weight. That matters for rare tokens, which are the first to leave the band.
+
+    Paper: MiniMax-M1, Chen et al. 2025, arXiv 2506.13585, eq. 4-5 ("CISPO"); the paper sets no lower bound on
+    the weight (a large eps_low) and tunes only eps_high; 0.28 is DAPO's clip-higher value, a common choice.
+
+    Args: as policy_loss; advantages (B, T) or (B,); clip_high: the weight's cap is 1 + clip_high; weights:
+    None or (B, T) extra constant per-token weights (tis_weights).
+
+    Returns: loss (0-dim); metrics: "clip_frac" (share of tokens whose weight was capped), "ratio_mean",
+    "approx_kl" (k3 of KL(pi_old || pi)).
+
+    Value at initialisation (logps == old_logps): every weight is 1, so the loss is -agg(A * logps) (not 0:
+    the log-probs are negative) and its gradient is exactly the REINFORCE / policy_loss gradient -A grad logp.
+
+    Differs from the paper:
+        1. No lower bound at all (the paper: a lower bound set too low to matter).
+        2. Aggregated with any of LOSS_AGGS (the paper: a token mean over the batch, "token_mean" here).
+    """
+    valid = mask.bool()  # (B, T)
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # (B, 1)
+    adv = advantages.detach().expand_as(logps).masked_fill(~valid, 0.0)  # (B, T)
+    log_ratio = (logps.detach() - old_logps.detach()).masked_fill(~valid, 0.0)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    weight = torch.clamp(ratio, max=1.0 + clip_high)  # (B, T), a constant of the update
+    loss_tok = -weight * adv * logps.masked_fill(~valid, 0.0)  # (B, T)
+    if weights is not None:
+        loss_tok = loss_tok * weights.detach()  # (B, T)
+    loss = aggregate_loss(loss_tok, mask, loss_agg, norm_len)
+    with torch.no_grad():
+        metrics = {"clip_frac": masked_mean((ratio > 1.0 + clip_high).to(loss_tok.dtype), mask),
+                   "ratio_mean": masked_mean(ratio, mask),
+                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask)}
+    return loss, metrics
+
+
+def tis_weights(old_logps, sampler_logps, mask, cap=2.0):
+    """Truncated importance-sampling weights for the mismatch between the sampler and the trainer.
+
+    Objective, per valid token: w = min(exp(old_logps - sampler_logps), cap), detached; 0 on padding.
+    The rollout engine (a KV-cache decode, often in lower precision, or another library) and the trainer's
+    forward compute slightly different distributions; the samples come from the sampler's, the gradient is
+    taken of the trainer's. Multiplying each token's loss by w corrects the expectation, and the cap bounds
+    the variance of tokens the sampler found far less likely than the trainer does.
+
+    Paper: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (Fengyao's
+    blog; truncated importance sampling, TIS), as TRL's vllm_importance_sampling_correction applies it.
+
+    Args:
+        old_logps:     (B, T) the trainer's log-probs of the sampled tokens before the update.
+        sampler_logps: (B, T) the sampler's own log-probs of the same tokens.
+        mask:          (B, T) 1 on tokens that count.
+        cap:           C > 0, the truncation.
+
+    Returns:
+        weights (B, T) and metrics: "tis_weight_mean", "tis_clip_frac" (share of tokens capped),
+        "tis_log_ratio_max" (largest |old - sampler| log-ratio: how far apart the two are).
+
+    Value when sampler and trainer agree (old_logps == sampler_logps): every weight is exactly 1.
+    """
+    valid = mask.bool()  # (B, T)
+    log_ratio = (old_logps - sampler_logps).detach().masked_fill(~valid, 0.0)  # (B, T)
+    raw = torch.exp(log_ratio)  # (B, T)
+    weights = torch.clamp(raw, max=cap).masked_fill(~valid, 0.0)  # (B, T)
+    metrics = {"tis_weight_mean": masked_mean(weights, mask),
+               "tis_clip_frac": masked_mean((raw > cap).to(weights.dtype), mask),
+               "tis_log_ratio_max": log_ratio.abs().max() if valid.any() else log_ratio.new_zeros(())}
+    return weights, metrics
 
 
 def kl_penalty(logps, ref_logps, kind="k3", mask=None):

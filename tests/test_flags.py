@@ -283,3 +283,41 @@ def test_out_dir_is_untouched_by_a_refused_run(tmp_path):
     assert run_main(["--stage", "sft,grpo", "--temperature", "0", "--out-dir", str(out)]) == 2
     # (a run takes OUT_DIR/.lock before anything else, to repair a killed save under the lock)
     assert (out / "sft" / "marker").read_text() == "kept" and sorted(set(os.listdir(out)) - {".lock"}) == ["sft"]
+
+
+def test_token_level_distillation_of_a_copy_is_exactly_zero(tmp_path):
+    a = tiny_folder(tmp_path / "a")
+    args, ctx = prepare("distill", a, "--teacher", a, "--distill-mode", "token", "--batch-size", "3",
+                        "--max-new-tokens", "10")
+    batch, _ = posttrain.STAGES["distill"].make_batch(ctx, args, 0)
+    loss, metrics = posttrain.STAGES["distill"].loss(ctx, args, batch)
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["kl_reverse"] == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in ctx["policy"].parameters())
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--stage", "ppo", "--policy-loss", "gspo"], "--policy-loss gspo"),
+    (["--stage", "grpo", "--policy-loss", "gspo", "--tis-cap", "2"], "--tis-cap"),
+    (["--stage", "grpo", "--policy-loss", "gspo", "--reward", "prm"], "--reward prm"),
+    (["--stage", "grpo", "--tis-cap", "0.5"], "--tis-cap"),
+    (["--stage", "grpo", "--overlong-buffer", "200"], "--overlong-buffer"),
+    (["--stage", "grpo", "--entropy-coef", "-1"], "--entropy-coef"),
+])
+def test_newer_method_flags_refuse_what_they_cannot_do(refused, tmp_path, argv, culprit):
+    assert culprit in refused(*argv, "--out-dir", str(tmp_path / "out"))
+
+
+def test_overlong_shaping_lowers_the_reward_of_long_completions_of_a_kept_group(tmp_path, monkeypatch):
+    # one group: a 21-token right completion and a 3-token wrong one, budget 40, buffer 20. The right one's
+    # reward is 1 + ((40 - 20) - 21) / 20 = 0.95, so without std scaling the advantages are +-0.475 (+-0.5
+    # without the shaping)
+    prompt, right, wrong = "12+30-5=", "12+30=42;42-5=37;#37", "#9"
+    flags = ("--group-size", "2", "--batch-size", "1", "--max-new-tokens", "40", "--no-std-scaling")
+    for buffer, expected in (("0", 0.5), ("20", 0.475)):
+        args, ctx = prepare("grpo", tiny_folder(tmp_path / f"init{buffer}"), *flags, "--overlong-buffer", buffer)
+        monkeypatch.setattr(posttrain, "sample_groups",
+                            lambda ctx, args, model: fake_rollout(prompt, [right, wrong], [1, 0]))
+        batch, _ = posttrain.grpo_batch(ctx, args, 0)
+        assert batch["completion_mask"].sum(1).tolist() == [21, 3]
+        assert torch.allclose(batch["adv"], torch.tensor([expected, -expected]))

@@ -590,3 +590,118 @@ def test_padding_never_changes_masked_losses():
     sm_p = torch.cat([sm, torch.zeros(2, 1)], 1)
     torch.testing.assert_close(process_advantages(sr_p, se_p, sm_p, 2, T),
                                process_advantages(sr, se, sm, 2, T))
+
+
+# -------------------------------------------------------------------------- newer methods (GSPO, CISPO, ...)
+
+from losses import (  # noqa: E402
+    cispo_loss, gspo_loss, kto_loss, orpo_loss, overlong_penalty, tis_weights, token_reverse_kl_pg_loss)
+
+
+def test_gspo_ratio_is_the_token_ratio_when_every_token_log_ratio_is_equal():
+    old = torch.log(torch.rand(3, 5)) - 0.1
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    new = old + 0.05  # every token's log-ratio is 0.05
+    _, m = gspo_loss(new, old, torch.tensor([1.0, -1.0, 0.5]), mask, clip_low=1.0, clip_high=1.0)
+    assert abs(m["ratio_mean"].item() - math.exp(0.05)) < 1e-6
+
+
+def test_gspo_gradient_is_the_papers_expression():
+    # grad of -s_b * A_b wrt logps[b, t] is -A_b * s_b / n_b on each valid token (no clipping active), / B
+    torch.manual_seed(0)
+    old = -torch.rand(2, 4)
+    new = (old + 0.1 * torch.randn(2, 4)).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([0.7, -1.3])
+    loss, _ = gspo_loss(new, old, adv, mask, clip_low=10.0, clip_high=10.0)
+    loss.backward()
+    n = mask.sum(1).float()
+    s = torch.exp(((new.detach() - old) * mask).sum(1) / n)
+    expected = (-adv * s / n / 2)[:, None] * mask  # (B, T)
+    assert torch.allclose(new.grad, expected, atol=1e-7)
+    assert abs(loss.item() - (-(adv * s).mean()).item()) < 1e-7
+
+
+def test_gspo_is_minus_the_mean_advantage_before_the_update():
+    old = -torch.rand(4, 3)
+    adv = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    loss, m = gspo_loss(old.clone(), old, adv, torch.ones(4, 3))
+    assert loss.item() == -adv.mean().item() and m["ratio_mean"].item() == 1.0 and m["clip_frac"].item() == 0.0
+
+
+def test_cispo_keeps_the_gradient_of_tokens_ppo_clips():
+    # ratio 1.5 > 1 + 0.2 with A > 0: PPO's clip zeroes that token's gradient, CISPO weighs it by 1 + clip_high
+    old = torch.log(torch.tensor([[0.2, 0.5]]))
+    new = torch.log(torch.tensor([[0.3, 0.5]])).requires_grad_()  # token 0: ratio 1.5; token 1: ratio 1
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2)
+    policy_loss(new, old, adv, mask, clip_low=0.2, clip_high=0.2)[0].backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] != 0
+    new.grad = None
+    loss, m = cispo_loss(new, old, adv, mask, clip_high=0.2)
+    loss.backward()
+    assert abs(new.grad[0, 0].item() - (-1.2 / 2)) < 1e-6  # -min(1.5, 1.2) * A / (2 tokens)
+    assert abs(new.grad[0, 1].item() - (-1.0 / 2)) < 1e-6 and m["clip_frac"].item() == 0.5
+
+
+def test_cispo_gradient_equals_policy_loss_gradient_before_the_update():
+    torch.manual_seed(1)
+    old = -torch.rand(3, 4)
+    adv, mask = torch.randn(3), torch.ones(3, 4)
+    a = old.clone().requires_grad_()
+    policy_loss(a, old, adv, mask)[0].backward()
+    b = old.clone().requires_grad_()
+    cispo_loss(b, old, adv, mask)[0].backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def test_tis_weight_is_one_when_sampler_and_trainer_agree_and_capped_otherwise():
+    old = -torch.rand(2, 3)
+    w, m = tis_weights(old, old.clone(), torch.ones(2, 3), cap=2.0)
+    assert torch.equal(w, torch.ones(2, 3)) and m["tis_clip_frac"].item() == 0.0
+    sampler = old - torch.tensor([[0.0, math.log(3.0), -math.log(2.0)]] * 2)  # ratios 1, 3, 1/2
+    w, m = tis_weights(old, sampler, torch.tensor([[1, 1, 1], [1, 1, 0]]), cap=2.0)
+    assert torch.allclose(w, torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.0]]))
+    assert abs(m["tis_clip_frac"].item() - 2 / 5) < 1e-7 and abs(m["tis_log_ratio_max"].item() - math.log(3)) < 1e-6
+
+
+def test_token_level_on_policy_distillation_has_the_reverse_kl_gradient_in_expectation():
+    # exact enumeration over a 5-token vocabulary, one position: sum_y p(y) * grad of the loss at y equals
+    # the gradient of KL(p || q) with respect to the student's logits
+    torch.manual_seed(2)
+    z = torch.randn(5, requires_grad=True)
+    q = torch.log_softmax(torch.randn(5), -1)
+    logp = torch.log_softmax(z, -1)
+    expected = torch.autograd.grad((logp.exp() * (logp - q)).sum(), z)[0]
+    total = torch.zeros(5)
+    for y in range(5):
+        lp = torch.log_softmax(z, -1)
+        loss, _ = token_reverse_kl_pg_loss(lp[y].view(1, 1), q[y].view(1, 1), torch.ones(1, 1))
+        total += lp[y].exp().detach() * torch.autograd.grad(loss, z)[0]
+    assert torch.allclose(total, expected, atol=1e-6)
+    # and were the student the teacher, the loss and its gradient are exactly 0
+    loss, kl = token_reverse_kl_pg_loss(q.view(1, 5).clone().requires_grad_(), q.view(1, 5), torch.ones(1, 5))
+    assert loss.item() == 0.0 and kl.item() == 0.0
+
+
+def test_kto_at_the_reference_is_half_the_weights():
+    logps = -torch.rand(4) * 10
+    desirable = torch.tensor([True, False, True, False])
+    losses, rewards = kto_loss(logps, logps.clone(), desirable, torch.tensor(0.0), beta=0.1,
+                               desirable_weight=1.0, undesirable_weight=1.5)
+    assert torch.allclose(losses, torch.tensor([0.5, 0.75, 0.5, 0.75])) and torch.equal(rewards, torch.zeros(4))
+    # a desirable completion above the reference point loses less; an undesirable one more
+    up, _ = kto_loss(logps + 1, logps, desirable, torch.tensor(0.0))
+    assert (up[desirable] < 0.5).all() and (up[~desirable] > 0.5).all()
+
+
+def test_orpo_on_hand_worked_numbers():
+    chosen, rejected = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    losses, log_or = orpo_loss(chosen, rejected, lam=0.1)
+    assert abs(log_or.item() - math.log(3.0)) < 1e-6  # odds 1 vs 1/3
+    assert abs(losses.item() - (math.log(2.0) + 0.1 * math.log(4 / 3))) < 1e-6
+
+
+@pytest.mark.parametrize("length, value", [(10, 0.0), (12, 0.0), (14, -0.5), (16, -1.0), (20, -1.0)])
+def test_overlong_penalty(length, value):
+    # budget 16, buffer 4: free up to 12, then -1/4 per token, -1 at and beyond the budget
+    assert overlong_penalty(torch.tensor([length]), 16, 4).item() == value

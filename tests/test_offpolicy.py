@@ -74,8 +74,11 @@ def toy_data(tmp_path, monkeypatch):
 
 # the loss at initialisation (policy == reference, margin d = 0), per --loss-type, at beta = 0.1:
 # sigmoid -log sigmoid(0) = ln 2, with or without label smoothing; IPO (0 - 1 / (2 beta))^2 = 25; hinge 1
+# KTO: each completion's loss is lambda / 2 at the reference, and a pair averages its two: (1 + 2) / 4 = 0.75
 @pytest.mark.parametrize("flags,expected", [([], math.log(2)), (["--label-smoothing", "0.1"], math.log(2)),
-                                            (["--loss-type", "ipo"], 25.0), (["--loss-type", "hinge"], 1.0)])
+                                            (["--loss-type", "ipo"], 25.0), (["--loss-type", "hinge"], 1.0),
+                                            (["--loss-type", "kto"], 0.5),
+                                            (["--loss-type", "kto", "--kto-weights", "1", "2"], 0.75)])
 def test_dpo_loss_at_init(tmp_path, flags, expected):
     init = tiny_checkpoint(tmp_path / "init")
     ctx, args = stage_ctx("dpo", ["--init", init, "--data-dir", small_data(tmp_path / "data", 64),
@@ -86,6 +89,23 @@ def test_dpo_loss_at_init(tmp_path, flags, expected):
     assert metrics["margin"] == pytest.approx(0.0, abs=1e-5)
     held = STAGES["dpo"].evaluate(ctx, args)
     assert held == {"pair_acc": 0.5, "pair_margin": 0.0}  # exact ties: the same chunks as the reference
+
+
+def test_orpo_needs_no_reference_and_is_sft_on_the_chosen_at_lambda_0(tmp_path):
+    init = tiny_checkpoint(tmp_path / "init")
+    ctx, args = stage_ctx("dpo", ["--init", init, "--data-dir", small_data(tmp_path / "data", 64),
+                                  "--batch-size", "8", "--eval-problems", "8", "--loss-type", "orpo",
+                                  "--orpo-lambda", "0"])
+    assert "ref_chosen_logps" not in ctx["train"]
+    batch, _ = STAGES["dpo"].make_batch(ctx, args, 0)
+    loss, _ = STAGES["dpo"].loss(ctx, args, batch)
+    # independently: the chosen completion's per-token NLL, averaged over pairs
+    with torch.no_grad():
+        logp = torch.log_softmax(ctx["policy"](batch["chosen_ids"]).float(), -1)[:, :-1]
+        tok = logp.gather(-1, batch["chosen_ids"][:, 1:, None]).squeeze(-1)  # (B, T-1)
+        m = batch["chosen_mask"][:, 1:].float()
+        nll = -((tok * m).sum(1) / m.sum(1)).mean()
+    assert loss.item() == pytest.approx(nll.item(), abs=1e-5)
 
 
 def test_simpo_needs_no_reference(tmp_path):

@@ -57,20 +57,25 @@ def seq_logps(model, roll, args):
 # grpo / ppo: the first update, the direction of an update, equal rewards
 
 
-@pytest.mark.parametrize("stage,kl_coef,chunked", [("grpo", "0.1", False), ("grpo", "0", False),
-                                                   ("ppo", "0.1", False), ("grpo", "0.1", True)])
-def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, monkeypatch, stage, kl_coef, chunked):
+@pytest.mark.parametrize("stage,kl_coef,chunked,extra", [
+    ("grpo", "0.1", False, []), ("grpo", "0", False, []), ("ppo", "0.1", False, []), ("grpo", "0.1", True, []),
+    ("grpo", "0.1", False, ["--policy-loss", "gspo"]),
+    ("grpo", "0.1", False, ["--policy-loss", "cispo", "--tis-cap", "2", "--entropy-coef", "0.01"]),
+    ("ppo", "0.1", False, ["--policy-loss", "cispo", "--tis-cap", "2"])])
+def test_first_update_ratio_is_one_and_kl_is_zero(tmp_path, monkeypatch, stage, kl_coef, chunked, extra):
     if chunked:  # the LM head one row at a time, recomputed in backward: still one log-prob path
         monkeypatch.setattr(posttrain.rollout, "LOGIT_CHUNK", 1)
     init = tiny_folder(tmp_path / "init")
     # 6 rows in micro-batches of 4: the rollout's log-probs and the update's forward see the same chunks.
     # At --kl-coef 0 the KL is still measured and logged, and must be 0 too.
     args = stage_args(stage, init, "--kl-coef", kl_coef, "--batch-size", "2", "--group-size", "3",
-                      "--max-new-tokens", "12", "--micro-batch-size", "4", "--no-dynamic-sampling")
+                      "--max-new-tokens", "12", "--micro-batch-size", "4", "--no-dynamic-sampling", *extra)
     args, ctx = posttrain.prepare(stage, args)
     policy = ctx["policy"]
     roll, stats = posttrain.STAGES[stage].make_batch(ctx, args, 0)
     assert stats["kl_ref"] == 0.0  # the reference is a second copy of the same weights
+    if "--tis-cap" in extra:  # sampler and trainer agree up to float noise in fp32: weights of about 1
+        assert abs(stats["tis_weight_mean"] - 1) < 1e-3 and stats["tis_clip_frac"] == 0.0
     for sl in posttrain.chunks(len(roll["w"]), args.micro_batch_size):
         mb = {k: v[sl] for k, v in roll.items()}
         valid = mb["completion_mask"].bool()
