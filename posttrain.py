@@ -1330,7 +1330,7 @@ STAGES["grpo"] = Stage(
     regime="on-policy", role="policy reshaping", init="sft",
     holds="policy, reference (for the logged KL; in the loss if --kl-coef > 0), RM / PRM (with --reward)",
     setup=setup_grpo, make_batch=grpo_batch, loss=grpo_loss,
-    defaults=dict(steps=40, lr=2e-4, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2, kl_coef=0.0,
+    defaults=dict(steps=40, lr=5e-5, batch_size=16, micro_batch_size=64, warmup=5, ppo_epochs=2, kl_coef=0.0,
                   dynamic_sampling=True, log_every=5))
 
 

@@ -4,7 +4,7 @@ the stage, mean and standard deviation across seeds beside each run's own paired
 
     python seeds.py --seeds 1 2 3                                   # the main job: grpo, defaults
     python seeds.py --seeds 1 2 3 --stage dpo --name dpo-rpo --flags "--rpo-alpha 0.5"
-    python seeds.py --table                                         # README's table, from the summary
+    python seeds.py --table --summary seeds.json                    # README's table, from the summary
 
 Folders: OUT/seed<S>/ holds that seed's pretrain and sft (built once, shared by every variant), and each
 variant trains into OUT/seed<S>/<name>/ from that sft. OUT/summary.json collects every variant's per-seed
@@ -88,16 +88,17 @@ def main():
     p.add_argument("--flags", default="", help="extra posttrain flags of the variant, one quoted string")
     p.add_argument("--out", default=os.path.join(ROOT, "out_seeds"), help="where the chains are trained")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each run")
+    p.add_argument("--summary", default=None, help="the summary file (default: OUT/summary.json)")
     p.add_argument("--table", action="store_true", help="print the markdown table of the summary and exit")
     args = p.parse_args()
     args.name = args.name or args.stage
-    path = os.path.join(args.out, "summary.json")
+    path = args.summary or os.path.join(args.out, "summary.json")
     summary = json.load(open(path)) if os.path.exists(path) else {}
     if not args.table:
         evals = {seed: run_variant(args, seed) for seed in args.seeds}
         command = f"--stage {args.stage} {args.flags}".strip()
         summary[args.name] = {"command": command, "seeds": args.seeds, "result": summarise(evals)}
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(path + ".tmp", path)
