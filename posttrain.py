@@ -2050,7 +2050,7 @@ def support_svg(res):
                       f'text-anchor="middle">+{gained}</text>')
             el.append(f'<rect x="{x0:.1f}" y="{mid:.1f}" width="{w * 0.6:.1f}" height="{hl:.1f}" fill="#d62728"/>'
                       f'<text x="{x0 + w * 0.3:.1f}" y="{mid + hl + 12:.1f}" text-anchor="middle">-{lost}</text>')
-            el.append(f'<text x="{x0 + w * 0.3:.1f}" y="{PANEL_H + 14}" text-anchor="middle">{r["name"]}</text>')
+            el.append(f'<text x="{x0 + w * 0.3:.1f}" y="{PANEL_H + 30}" text-anchor="middle">{r["name"]}</text>')
         panels.append(el)
     return svg_document(panels, f"support change vs the base ({res['checkpoints'][0]['name']}), "
                                 f"solved at least once in n = {res['n']} samples", 0)
