@@ -320,9 +320,7 @@ def check_stage_args(args, name):
         where = "ppo puts the KL in the reward" if name == "ppo" else "--kl-in reward"
         die(f"{where}, which needs --kl-kind k1, got --kl-kind {args.kl_kind}: only k1 in the reward has the "
             "policy gradient of KL(pi || ref); k2 and k3 belong in the loss (--kl-in loss)")
-    needs_steps = name == "prm" or (name in ("grpo", "ppo") and args.reward == "prm") or \
-        (name in ("dpo", "rm") and args.pairs == "self")
-    if args.task != "arith" and needs_steps:
+    if args.task != "arith" and needs_step_labels(name, args):
         what = "--reward prm" if name in ("grpo", "ppo") else "--pairs self" if name in ("dpo", "rm") else name
         die(f"{what} needs per-step labels, which only --task arith has; --task {args.task} cannot use it")
     if args.task != "arith" and scratch:
@@ -332,6 +330,20 @@ def check_stage_args(args, name):
         die(f"--prompt-template must contain {{prompt}}, got {args.prompt_template!r}")
     if name == "grpo" and args.reward == "prm" and args.kl_in == "reward" and args.kl_coef > 0:
         die("grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); drop --kl-in reward")
+
+
+def needs_step_labels(name, args):
+    """Whether stage `name` with these flags reads the arithmetic verifier's per-step labels."""
+    return name == "prm" or (name in ("grpo", "ppo") and args.reward == "prm") or \
+        (name in ("dpo", "rm") and args.pairs == "self")
+
+
+def check_step_tokenizer(name, args, task):
+    """Per-step labels find each step's end as the ';' token of the character-level tokenizer: refuse them
+    with any other tokenizer, where that token means something else or does not exist."""
+    if needs_step_labels(name, args) and task.tok.tok.get_vocab(with_added_tokens=True) != arith.VOCAB:
+        die(f"{name}: per-step labels need the arithmetic task's character-level tokenizer, and {task.tok.path} "
+            "is another one")
 
 
 def stages_to_train(user_args, names):
@@ -2092,6 +2104,7 @@ def prepare(name, user_args):
     args.stage_output = lambda needed: ensure_stage_output(user_args, needed)
     args.init_folder = args.init
     task = load_task(args, args.init)  # the init's tokenizer; a new model gets the built-in one
+    check_step_tokenizer(name, args, task)
     if args.init is not None:
         print(f"[{name}] init from {args.init}")
         policy = load_model(args.init, args.device, score_head=stage.score_head or None)
@@ -2462,6 +2475,8 @@ def validate_run(args, names):
             context = json.load(f).get("max_position_embeddings", 2048)
     else:
         context = args.max_seq_len or STAGES["pretrain"].defaults["max_seq_len"]
+    for n in dict.fromkeys(names + plan):
+        check_step_tokenizer(n, stage_args(args, n), task)
     files = dict.fromkeys(f for n in dict.fromkeys(plan + names) for f in stage_files(n, stage_args(args, n)))
     for f in files:
         check_lengths(task, f, task.rows(f), context)

@@ -210,3 +210,10 @@ def test_distillation_loss_is_the_same_in_head_chunks(tmp_path, monkeypatch, mod
         results.append((loss.detach(), metrics["kl_forward"], ctx["policy"].model.norm.weight.grad.clone()))
     (a, ka, ga), (b, kb, gb) = results
     assert a > 0 and (a - b).abs() <= 1e-6 and abs(ka - kb) <= 1e-6 and (ga - gb).abs().max() <= 1e-6
+
+
+def test_step_label_stages_refuse_a_bpe_tokenizer(tmp_path, refused):
+    # the PRM finds step ends as the character tokenizer's ';' token: on a BPE model it would find none
+    err = refused("--stage", "prm", "--init", str(FIXTURES / "qwen2"), "--out-dir", str(tmp_path / "out"),
+                  "--threads", "1")
+    assert "character-level tokenizer" in err and str(FIXTURES / "qwen2" / "tokenizer.json") in err
