@@ -909,7 +909,10 @@ STAGES["rft"] = Stage(
 # dpo: Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7):
 #      -log sigmoid(beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))]), and its variants
 #      --loss-type ipo (Azar et al. 2023, arXiv 2310.12036), hinge (SLiC-HF / RSO), simpo (Meng et al. 2024,
-#      arXiv 2405.14734, no reference), cDPO (--label-smoothing). Loss at initialisation: ln 2 (sigmoid).
+#      arXiv 2405.14734, no reference), cDPO (--label-smoothing), kto (Ethayarajh et al. 2024, arXiv
+#      2402.01306: each pair as one desirable and one undesirable completion) and orpo (Hong et al. 2024,
+#      arXiv 2403.07691: SFT on the chosen plus a log odds-ratio term, no reference). Loss at initialisation:
+#      ln 2 (sigmoid), lambda / 2 per completion (kto).
 # rm:  a Bradley-Terry reward model (InstructGPT, arXiv 2203.02155, Sec. 3.5, eq. 1): a scalar head on the
 #      SFT model trained on -log sigmoid(r(x, y_c) - r(x, y_r)); ln 2 at initialisation (the head starts at
 #      0). A sequence's score is the head's output at its EOS. It builds the reward that grpo / ppo
@@ -935,6 +938,9 @@ STAGES["rft"] = Stage(
 #   6. rm: InstructGPT puts all K-choose-2 comparisons of a prompt in one batch element; here a pair is a
 #      row. The unused LM head stays in the checkpoint, so the folder still loads as a plain Llama model. No
 #      reward normalisation (InstructGPT shifts the reward so that demonstrations score 0 on average).
+#   7. kto: the data are pairs, split into their desirable and undesirable halves (KTO's point is that it
+#      needs no pairs); its reference point z0 is the micro-batch's mean implied reward over those completions,
+#      clamped at 0 and detached, where the paper averages over mismatched prompt-completion pairs.
 
 
 def setup_dpo(args, policy, task):
@@ -1206,6 +1212,12 @@ STAGES["rm"] = Stage(
 #      generation budget, a constant; a long prompt that shortens the budget keeps the same divisor.
 #   8. With several minibatches per rollout batch (--minibatch-size), the first pass takes the rows in
 #      rollout order and later passes shuffle them (seeded).
+#   9. Off by default, each a flag: --policy-loss gspo (GSPO's clipped sequence ratio) or cispo (CISPO's
+#      clipped, detached token weight) in place of the clipped token ratio; --tis-cap (each token's loss
+#      weighted by the truncated ratio of the trainer's to the sampler's probability); --entropy-coef (an
+#      entropy bonus); --overlong-buffer (DAPO's soft overlong punishment, added to the reward after the
+#      groups are chosen).
+#  10. lr 5e-5: at 2e-4 GRPO collapsed from a weak sft model (measured over seeds in README).
 #
 # ppo: PPO for language models with a learned critic, GAE and a per-token KL penalty in the reward (RLHF-PPO).
 #   Per token t of a sampled completion: r_t = -beta * (log pi_old(a_t) - log pi_ref(a_t)), plus the outcome
@@ -1689,6 +1701,10 @@ STAGES["prm"] = Stage(
 #             eq. 1). Off-policy.
 #   onpolicy  the student's own samples, scored by the teacher with JSD(--jsd-beta): GKD with lambda = 1,
 #             on-policy distillation (--jsd-beta 1: per-token reverse KL, MiniLLM's objective token-wise).
+#   token     the student's own samples; a policy gradient whose per-token advantage is minus the sampled
+#             token's reverse-KL sample, log p_S - log p_T (the Qwen3 / Thinking Machines recipe): the same
+#             reverse KL in expectation as onpolicy with --jsd-beta 1, from two log-probs per token instead of
+#             both full distributions.
 # The student starts from its own small pretrain: the row "pretrain-small" runs the pretrain stage's code with
 # a smaller default model (2 layers, width 64, instead of 4 and 128), built on demand like any other init.
 # Loss at initialisation, were the student the teacher: exactly 0 in every mode.
