@@ -640,7 +640,7 @@ def sample_and_verify(model, task, prompts, args, temperature, generator):
     finished (B,) whether the row emitted EOS.
     """
     tok = task.tok
-    s = rollout.generate(model, [tok.prompt_ids(p) for p in prompts], args.max_new_tokens,
+    s = rollout.generate(model, tok.prompts_ids(prompts), args.max_new_tokens,
                          temperature=temperature, eos_id=tok.stop_ids, generator=generator, pad_id=tok.pad_id,
                          autocast=args.amp)
     texts = [tok.decode(c) for c in s.completion_ids.tolist()]
@@ -679,7 +679,7 @@ def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256):
 def completion_rows(tok, prompts, completions, device):
     """Prompts (text) and completions (token ids, with their EOS if finished) -> the rollout tensors that
     sample_groups() returns: left-padded prompts, right-padded completions, masks."""
-    prompt_ids, prompt_mask = rollout.left_pad([tok.prompt_ids(p) for p in prompts], tok.pad_id)  # (B, P) x2
+    prompt_ids, prompt_mask = rollout.left_pad(tok.prompts_ids(prompts), tok.pad_id)  # (B, P) x2
     roll = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "completion_ids": pad_right(completions, tok.pad_id),  # (B, N)
             "completion_mask": pad_right([[1] * len(c) for c in completions], 0),  # (B, N)
@@ -1958,7 +1958,7 @@ def score_samples(model, tok, prompts, completions, args, batch_rows=256):
     seq_logps, entropy, n_tokens = [], [], []
     for i in range(0, len(prompts), batch_rows):
         chunk = completions[i:i + batch_rows]
-        ids, mask = rollout.left_pad([tok.prompt_ids(p) for p in prompts[i:i + batch_rows]], tok.pad_id,
+        ids, mask = rollout.left_pad(tok.prompts_ids(prompts[i:i + batch_rows]), tok.pad_id,
                                      args.device)  # (b, P) left padded, as the sampler had them
         mb = {"prompt_ids": ids, "prompt_mask": mask,
               "completion_ids": pad_right(chunk, tok.pad_id).to(args.device),  # (b, N)

@@ -68,8 +68,8 @@ def summarise(evals):
 
 
 def table(summary):
-    lines = ["| variant | seeds | greedy after | greedy change | sampled after | sampled change | per-seed sampled change (paired SE) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | seeds | greedy after | greedy change | sampled after | sampled change | "
+             "per-seed sampled change (paired SE) |", "|---|---|---|---|---|---|---|"]
     for name, v in summary.items():
         g, s = v["result"].get("greedy"), v["result"].get("sampled")
         cell = (lambda r: f"{r['after_mean']:.1f}%" if r else "-")

@@ -160,35 +160,46 @@ class Tokenizer:
         return self._render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
                             **self.special_tokens)
 
+    def encode_batch(self, texts, special=False):
+        """encode() of many texts in one tokenizer call. With special=True the post-processor runs, and BOS is
+        added where add_bos_token asks for it and the post-processor did not: the rule for a prompt without a
+        chat template and for a pretraining document."""
+        try:
+            encs = self.tok.encode_batch(list(texts), add_special_tokens=special)
+        except Exception:  # a vocabulary without <unk> fails on an unknown character: name it
+            encs = None
+        out = []
+        for i, text in enumerate(texts):
+            ids = encs[i].ids if encs is not None else None
+            if ids is None or (self.unk_id is not None and self.unk_id in ids):
+                ids = self.encode(text, special)  # raises ValueError naming the character
+            if special and self.add_bos and ids[:1] != [self.bos_id]:
+                ids = [self.bos_id] + ids
+            out.append(ids)
+        return out
+
+    def prompts_ids(self, prompts):
+        """The token ids a model is shown for each prompt: the chat template, which writes any BOS itself,
+        or --prompt-template through the post-processor (Llama's adds BOS) and the add_bos_token rule."""
+        return self.encode_batch([self.render(p) for p in prompts], special=not self.use_chat)
+
     def prompt_ids(self, prompt):
-        if self.use_chat:
-            return self.encode(self.render(prompt))  # the template wrote any BOS itself
-        ids = self.encode(self.render(prompt), special=True)
-        return [self.bos_id] + ids if self.add_bos and ids[:1] != [self.bos_id] else ids
+        return self.prompts_ids([prompt])[0]
 
     def documents(self, texts):
         """Token ids of whole texts to train on every token of (pretraining): like a prompt without a chat
-        template, then EOS. Batched: one call into the tokenizer for all texts."""
-        out = []
-        for text, enc in zip(texts, self.tok.encode_batch(list(texts), add_special_tokens=True)):
-            if self.unk_id is not None and self.unk_id in enc.ids:
-                self.check(text)
-            ids = enc.ids
-            out.append(([self.bos_id] if self.add_bos and ids[:1] != [self.bos_id] else []) + ids + [self.eos_id])
-        return out
+        template, then EOS."""
+        return [ids + [self.eos_id] for ids in self.encode_batch(texts, special=True)]
 
     def completion_ids(self, text):
         return self.encode(text) + [self.eos_id]
 
     def lengths(self, prompts, completions=None):
-        """len(prompt_ids(p)) (+ len(completion_ids(c))) for many rows at once, one batched tokenizer call
-        each: for checking that a data file fits the model's context. The texts must encode (check())."""
-        rendered = [self.render(p) for p in prompts]
-        encs = self.tok.encode_batch(rendered, add_special_tokens=not self.use_chat)
-        out = [len(e.ids) + (self.add_bos and not self.use_chat and e.ids[:1] != [self.bos_id]) for e in encs]
+        """len(prompt_ids(p)) (+ len(completion_ids(c))) for many rows at once: for checking that a data file
+        fits the model's context."""
+        out = [len(ids) for ids in self.prompts_ids(prompts)]
         if completions is not None:
-            encs = self.tok.encode_batch(list(completions), add_special_tokens=False)
-            out = [n + len(e.ids) + 1 for n, e in zip(out, encs)]
+            out = [n + len(ids) + 1 for n, ids in zip(out, self.encode_batch(completions))]
         return out
 
     # --- ids -> text

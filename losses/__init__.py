@@ -9,8 +9,8 @@ from .advantages import gae, group_advantages, overlong_penalty, process_advanta
 from .common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
 from .distill import generalized_jsd_loss, kl_distill_loss, token_reverse_kl_pg_loss
 from .dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
-from .policy import (aggregate_loss, cispo_loss, entropy_from_logits, gspo_loss, kl_penalty, policy_loss, tis_weights,
-                     value_loss)
+from .policy import (aggregate_loss, cispo_loss, entropy_from_logits, gspo_loss, kl_penalty, policy_loss,
+                     tis_weights, value_loss)
 from .prm import prm_loss
 from .sft import sft_loss
 

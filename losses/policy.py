@@ -318,8 +318,8 @@ def kl_penalty(logps, ref_logps, kind="k3", mask=None):
     k3 is DeepSeekMath's estimator (arXiv 2402.03300, eq. 4).
 
     k1 and k3 estimate the same value (k2 approximates it), but they are not interchangeable as training
-    signals. Where the estimate goes decides which gradient you get (x sampled from the current pi; the sampling itself is not
-    differentiated):
+    signals. Where the estimate goes decides which gradient you get (x sampled from the current pi; the
+    sampling itself is not differentiated):
         In the LOSS, E[grad k(x)]:
             k1: E_pi[grad log pi(x)] = 0. As a loss it does nothing in expectation.
             k2: E_pi[(log pi - log ref) grad log pi] = grad KL(pi || ref): the reverse-KL gradient.
