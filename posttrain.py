@@ -37,7 +37,8 @@ import rollout
 from data import answer as answer_task
 from data import task as arith
 from data.tokenizer import Tokenizer
-from losses.advantages import gae, group_advantages, overlong_penalty, process_advantages, rloo_advantages
+from losses.advantages import (gae, group_advantages, outcome_process_advantages, overlong_penalty,
+                               process_advantages, rloo_advantages)
 from losses.common import IGNORE_INDEX, masked_mean, token_logprobs
 from losses.distill import generalized_jsd_loss, kl_distill_loss, token_reverse_kl_pg_loss
 from losses.dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
@@ -187,10 +188,15 @@ def get_args(argv=None):
                    help="after a run of several stages, evaluate every stage's output as the eval stage does")
     # ppo / rft / prm, and the learned rewards grpo and ppo can optimise
     g = p.add_argument_group("ppo / rft / prm")
-    g.add_argument("--reward", default="verifier", choices=["verifier", "prm", "rm"],
+    g.add_argument("--reward", default="verifier", choices=["verifier", "prm", "rm", "steps"],
                    help="grpo, ppo: what scores a rollout; verifier = the task's 0/1 outcome, prm = the step "
                         "scores of OUT_DIR/prm (process supervision), rm = the sequence score of OUT_DIR/rm "
-                        "(each built first if missing)")
+                        "(each built first if missing), steps = the verifier's own step labels as process "
+                        "rewards (the oracle PRM: the upper bound of process supervision)")
+    g.add_argument("--process-coef", type=float, default=None,
+                   help="grpo --reward prm | steps: unset = the process advantage alone (DeepSeekMath); C = the "
+                        "verifier's outcome advantage plus C times the process advantage, centred on each "
+                        "completion (outcome plus process, as PRIME)")
     g.add_argument("--vf-coef", type=float, default=0.1, help="ppo: weight of the value loss")
     g.add_argument("--value-clip", type=float, default=0.2,
                    help="ppo: a value may move at most this far from its rollout-time value (reward units)")
@@ -209,6 +215,11 @@ def get_args(argv=None):
                         "Monte-Carlo (1 if any of --mc-rollouts continuations from the step reaches the "
                         "answer)")
     g.add_argument("--mc-rollouts", type=int, default=4, help="prm --prm-labels mc: continuations per step")
+    g.add_argument("--prm-policy", default=None,
+                   help="prm --prm-data samples: the policy whose completions the PRM learns to judge (unset: the "
+                        "PRM's own init)")
+    g.add_argument("--prm-balance", action=argparse.BooleanOptionalAction, default=True,
+                   help="prm: right and wrong steps weigh half of the loss each (class-balanced cross-entropy)")
     # eval
     g = p.add_argument_group("eval and logging")
     g.add_argument("--eval-split", default="test", help="held-out JSONL file in --data-dir used for pass@1")
@@ -260,8 +271,10 @@ def stage_args(args, name):
 
 
 def die(msg):
-    """Bad input: one line on stderr and exit code 2 (argparse's own code for a bad flag), no traceback."""
-    print(f"posttrain: error: {msg}", file=sys.stderr)
+    """Bad input: one line on stderr and exit code 2 (argparse's own code for a bad flag), no traceback.
+    With several processes every rank stops, and rank 0 alone says why."""
+    if RANK == 0:
+        print(f"posttrain: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -276,6 +289,7 @@ FLAG_RANGES = {
         "simpo-gamma", "vf-coef", "value-clip", "clip-high")},
     "lr": (lambda v: v > 0, "> 0"), "grad-clip": (lambda v: v > 0, "> 0"), "beta": (lambda v: v > 0, "> 0"),
     "tis-cap": (lambda v: v >= 1, ">= 1"), "entropy-coef": (lambda v: v >= 0, ">= 0"),
+    "process-coef": (lambda v: v >= 0, ">= 0"),
     "overlong-buffer": (lambda v: v >= 0, ">= 0"), "orpo-lambda": (lambda v: v >= 0, ">= 0"),
     "clip-low": (lambda v: 0 <= v < 1, "in [0, 1)"), "dual-clip": (lambda v: v > 1, "> 1"),
     "jsd-beta": (lambda v: 0 <= v <= 1, "in [0, 1]"), "label-smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
@@ -294,11 +308,17 @@ def check_stage_args(args, name):
         value = getattr(args, flag.replace("-", "_"))
         if value is not None and not (math.isfinite(value) and ok(value)):
             die(f"--{flag} must be {what}, got {value}")
+    if WORLD > 1 and args.batch_size % WORLD:
+        unit = "prompts" if name in ("grpo", "ppo", "rft", "prm", "distill") else "rows"
+        die(f"--batch-size {args.batch_size} ({name}: {unit} per step) does not divide by the {WORLD} processes "
+            "torchrun started: every rank takes an equal share")
     if args.policy_loss == "gspo" and name == "ppo":
         die("--policy-loss gspo is a sequence ratio for one advantage per sequence (grpo); ppo's GAE gives one "
             "per token: use --policy-loss ppo or cispo")
-    if args.policy_loss == "gspo" and args.reward == "prm":
-        die("--policy-loss gspo needs one advantage per sequence; --reward prm gives one per token")
+    if args.policy_loss == "gspo" and args.reward in ("prm", "steps"):
+        die(f"--policy-loss gspo needs one advantage per sequence; --reward {args.reward} gives one per token")
+    if args.process_coef is not None and not (name == "grpo" and args.reward in ("prm", "steps")):
+        die("--process-coef weighs grpo's process advantage: it needs --stage grpo with --reward prm or steps")
     if args.policy_loss == "gspo" and args.tis_cap is not None:
         die("--tis-cap weighs tokens; --policy-loss gspo has one ratio per sequence: use one of them")
     if args.overlong_buffer > args.max_new_tokens:
@@ -321,20 +341,21 @@ def check_stage_args(args, name):
         die(f"{where}, which needs --kl-kind k1, got --kl-kind {args.kl_kind}: only k1 in the reward has the "
             "policy gradient of KL(pi || ref); k2 and k3 belong in the loss (--kl-in loss)")
     if args.task != "arith" and needs_step_labels(name, args):
-        what = "--reward prm" if name in ("grpo", "ppo") else "--pairs self" if name in ("dpo", "rm") else name
+        what = (f"--reward {args.reward}" if name in ("grpo", "ppo") else
+                "--pairs self" if name in ("dpo", "rm") else name)
         die(f"{what} needs per-step labels, which only --task arith has; --task {args.task} cannot use it")
     if args.task != "arith" and scratch:
         die(f"--task {args.task} needs a model with a tokenizer for its text: pass --init FOLDER (the {name} stage "
             "would start a model from scratch with the arithmetic task's character-level tokenizer)")
     if "{prompt}" not in args.prompt_template:
         die(f"--prompt-template must contain {{prompt}}, got {args.prompt_template!r}")
-    if name == "grpo" and args.reward == "prm" and args.kl_in == "reward" and args.kl_coef > 0:
-        die("grpo --reward prm keeps the KL in the loss (as DeepSeekMath does); drop --kl-in reward")
+    if name == "grpo" and args.reward in ("prm", "steps") and args.kl_in == "reward" and args.kl_coef > 0:
+        die(f"grpo --reward {args.reward} keeps the KL in the loss (as DeepSeekMath does); drop --kl-in reward")
 
 
 def needs_step_labels(name, args):
     """Whether stage `name` with these flags reads the arithmetic verifier's per-step labels."""
-    return name == "prm" or (name in ("grpo", "ppo") and args.reward == "prm") or \
+    return name == "prm" or (name in ("grpo", "ppo") and args.reward in ("prm", "steps")) or \
         (name in ("dpo", "rm") and args.pairs == "self")
 
 
@@ -360,7 +381,7 @@ def stages_to_train(user_args, names):
         if first:  # a later stage of a pipeline starts from the previous stage's output (distill: distils it)
             deps += [stage.init] if stage.init and args.init is None else []
             deps += ["grpo"] if name == "distill" and args.teacher is None else []
-        if name in ("grpo", "ppo") and args.reward != "verifier":
+        if name in ("grpo", "ppo") and args.reward in ("rm", "prm"):
             deps.append(args.reward)
         for dep in deps:
             if dep not in plan and not os.path.exists(os.path.join(user_args.out_dir, dep, "config.json")):
@@ -476,6 +497,106 @@ class Shuffler:
                 self.rng.shuffle(self.order)
             out.append(self.order.pop())
         return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# several processes: `torchrun --nproc_per_node N posttrain.py ...` (gloo on CPU, nccl on GPUs)
+#
+# Data parallel over the rows of every batch, with the same numbers as one process on the whole batch:
+#   * every rank holds the same models (same seed, and rank 0's weights broadcast once) and the same Shufflers
+#     and generators, so every rank draws the same GLOBAL batch of indices or prompts and keeps its own
+#     contiguous share of it (share()): for an on-policy stage whole groups, since a share is counted in
+#     prompts;
+#   * the sampler draws its noise for every row of the global batch and keeps its share's rows, so a rank's
+#     completions are exactly those one process would have sampled for them;
+#   * every normaliser is global: the loss units (tokens, sequences, steps) of the whole batch (all_sum), PPO's
+#     advantage whitening; group statistics never cross ranks, because groups never do;
+#   * after each minibatch's backward the gradients are summed over ranks (sum_gradients), then clipped and
+#     stepped identically everywhere. This is what DistributedDataParallel does, written out in one all-reduce
+#     per optimizer step: DDP's bucketed overlap of backward and communication buys nothing at these sizes,
+#     and the explicit sum keeps the loss weighting in one visible place;
+#   * frozen models (reference, teacher, PRM, RM) are replicated, not wrapped; rank 0 alone evaluates, logs
+#     and writes checkpoints; the other ranks wait for it.
+# A single process never enters any of this beyond `WORLD > 1` checks.
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, like RANK and LOCAL_RANK
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(device):
+    """Join the process group of torchrun's ranks (once); on GPUs each rank takes the device LOCAL_RANK."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def share(items):
+    """This rank's contiguous share of a global batch (a list); all of it in a single process."""
+    if WORLD == 1:
+        return items
+    n = len(items) // WORLD  # the flags were checked: the batch divides by the world size
+    return items[RANK * n:(RANK + 1) * n]
+
+
+def all_sum(x):
+    """Sum of a tensor (or number) over ranks, as a tensor on the CPU; x itself in a single process."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if WORLD > 1:
+        import torch.distributed as dist
+        x = x.to(DIST_DEVICE).clone()
+        dist.all_reduce(x)
+    return x.cpu()
+
+
+def all_gather_lists(items):
+    """Every rank's list, concatenated in rank order: the global list, as one process would have it."""
+    if WORLD == 1:
+        return items
+    import torch.distributed as dist
+    out = [None] * WORLD
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def sum_gradients(params):
+    """Sum every parameter's gradient over ranks, in one flat all-reduce. A parameter without a gradient on
+    some rank counts zeros there; one without a gradient on every rank keeps none, so AdamW skips it as it
+    would in one process."""
+    if WORLD == 1:
+        return
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(p.grad is not None)
+                                                                     for p in params], device=grads[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    for p, seen in zip(params, flat[offset:].tolist()):
+        if seen == 0:
+            p.grad = None
+
+
+def barrier():
+    if WORLD > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def broadcast_weights(*models):
+    """Rank 0's weights on every rank: the seeds already agree, this makes sure."""
+    if WORLD > 1:
+        import torch.distributed as dist
+        with torch.no_grad():
+            for m in models:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    dist.broadcast(t.data, 0)
+
+
+DIST_DEVICE = "cpu"  # where all_sum's tensors go: the GPU with nccl (set by main)
 
 
 def chunks(n, size):
@@ -631,18 +752,18 @@ def ensure_stage_output(user_args, name):
 
 
 @torch.no_grad()
-def sample_and_verify(model, task, prompts, args, temperature, generator):
+def sample_and_verify(model, task, prompts, args, temperature, generator, rows=None):
     """One completion for each prompt (text) from model, decoded and verified -> (texts, verdicts, roll).
 
     Every stage that samples comes through here (rollouts, eval, self-generated pairs, PRM data). roll holds
     the rollout tensors: prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N),
     the mask 1 up to and including EOS; sampler_logps (B, N), the sampler's own log-probs (a diagnostic);
-    finished (B,) whether the row emitted EOS.
+    finished (B,) whether the row emitted EOS. rows: see sample_groups.
     """
     tok = task.tok
     s = rollout.generate(model, tok.prompts_ids(prompts), args.max_new_tokens,
                          temperature=temperature, eos_id=tok.stop_ids, generator=generator, pad_id=tok.pad_id,
-                         autocast=args.amp)
+                         autocast=args.amp, **(rows or {}))
     texts = [tok.decode(c) for c in s.completion_ids.tolist()]
     verdicts = [task.verify(p, t, done) for p, t, done in zip(prompts, texts, s.finished.tolist())]
     roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
@@ -652,10 +773,26 @@ def sample_and_verify(model, task, prompts, args, temperature, generator):
 
 def sample_groups(ctx, args, model):
     """Draw --batch-size prompts of ctx["prompts"] and sample --group-size completions of each with model (the
-    rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify."""
-    prompts = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size) for _ in range(args.group_size)]
-    texts, verdicts, roll = sample_and_verify(model, ctx["task"], prompts, args, args.temperature, ctx["gen"])
+    rows of a group are consecutive), verified -> (prompts, texts, verdicts, roll), as sample_and_verify.
+
+    Several processes: each rank samples the groups of its share of the prompts, with the noise and length
+    budget of the whole batch, so its rows are those one process would have sampled."""
+    chosen = [ctx["prompts"][i] for i in ctx["order"].take(args.batch_size)]
+    mine, G = share(chosen), args.group_size
+    prompts = [p for p in mine for _ in range(G)]
+    rows = None
+    if WORLD > 1:
+        longest = max(len(ids) for ids in ctx["task"].tok.prompts_ids(chosen))
+        rows = {"noise_rows": (RANK * len(prompts), len(chosen) * G), "stop_all": all_ranks_done,
+                "max_prompt_len": longest}
+    texts, verdicts, roll = sample_and_verify(model, ctx["task"], prompts, args, args.temperature, ctx["gen"],
+                                              **({"rows": rows} if rows else {}))
     return prompts, texts, verdicts, roll
+
+
+def all_ranks_done(done):
+    """Whether every row of every rank has finished (the sampler stops only then, as one process would)."""
+    return bool(all_sum(int(not bool(done.all()))) == 0)
 
 
 def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256):
@@ -826,7 +963,7 @@ def lm_stage_batch(ctx, args, step):
 
 def lm_batch(ctx, args, step):
     """Right-padded ids and labels; labels are IGNORE_INDEX on the prompt (incl. BOS) and on padding."""
-    idx = ctx["order"].take(args.batch_size)
+    idx = share(ctx["order"].take(args.batch_size))  # several processes: this rank's rows of the batch
     ids = pad_right([ctx["seqs"][i] for i in idx], ctx["pad"])  # (B, T)
     labels = pad_right([ctx["seqs"][i] for i in idx], IGNORE_INDEX)  # (B, T)
     for row, i in enumerate(idx):
@@ -850,7 +987,7 @@ def lm_loss(ctx, args, mb):
 STAGES["pretrain"] = Stage(
     regime="off-policy", role="support (base model)", init=None, holds="policy",
     setup=setup_pretrain, make_batch=lm_stage_batch, loss=lm_loss,
-    defaults=dict(steps=600, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100, ppo_epochs=1,
+    defaults=dict(steps=1500, lr=3e-3, batch_size=64, micro_batch_size=64, warmup=100, ppo_epochs=1,
                   log_every=100, n_layer=4, n_embd=128, n_head=4, n_kv_head=2, max_seq_len=128))
 STAGES["sft"] = Stage(
     regime="off-policy", role="support expansion", init="pretrain", holds="policy",
@@ -876,6 +1013,7 @@ def rft_batch(ctx, args, step):
         # BATCH_SIZE prompts x G samples per sampler call, which bounds the KV cache's memory
         for _ in range(math.ceil(args.round_prompts / args.batch_size)):
             p, t, v, _ = sample_groups(ctx, args, ctx["policy"])
+            p, t, v = all_gather_lists(p), all_gather_lists(t), all_gather_lists(v)  # every rank: the whole round
             prompts, texts, verdicts = prompts + p, texts + t, verdicts + v
         kept = rft_keep(prompts, texts, verdicts)
         seqs = [tok.prompt_ids(p) + tok.completion_ids(c) for p, c in kept]
@@ -1064,7 +1202,7 @@ def sequence_logps(model, ids, mask, args):
 
 
 def pair_stage_batch(ctx, args, step):
-    return pair_batch(ctx["train"], ctx["order"].take(args.batch_size), args.device), {}
+    return pair_batch(ctx["train"], share(ctx["order"].take(args.batch_size)), args.device), {}
 
 
 def dpo_stage_loss(ctx, args, mb):
@@ -1253,12 +1391,14 @@ def grpo_batch(ctx, args, step):
     G = args.group_size
     prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
     mask = roll["completion_mask"].float()  # (B, N)
-    rewards = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
-    stats = {"reward": rewards.mean().item(), "len": mask.sum(1).mean().item()}
+    outcome = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
+    rewards = outcome
+    stats = {"reward": outcome.mean().item(), "len": mask.sum(1).mean().item(),
+             "cut_off": 1 - roll["finished"].float().mean().item()}
     steps = None
     if args.reward != "verifier":
-        # a learned scorer replaces the verifier, whose accuracy stays logged as "reward" (see learned_rewards)
-        scores, steps = learned_rewards(ctx, args, roll, stats)  # (B,); prm: step rewards (B, S)
+        # another scorer replaces the verifier, whose accuracy stays logged as "reward" (see rollout_rewards)
+        scores, steps = rollout_rewards(ctx, args, roll, verdicts, stats)  # (B,); prm, steps: (B, S) each
         rewards = scores.to(rewards.device)
     # Which groups carry a signal is decided on the outcome reward alone, BEFORE any KL is folded into it:
     # with the KL in the reward every group has some spread, so no group would ever be dropped, and an
@@ -1270,7 +1410,7 @@ def grpo_batch(ctx, args, step):
         # DAPO dynamic sampling: groups whose rewards are all equal have zero advantage and no gradient. They
         # are dropped before any log-prob is computed, which saves those forwards too.
         keep = (~zero_std).repeat_interleave(G)  # (B,)
-        roll, rewards = {k: v[keep] for k, v in roll.items()}, rewards[keep]
+        roll, rewards, outcome = {k: v[keep] for k, v in roll.items()}, rewards[keep], outcome[keep]
         if steps is not None:
             steps = {k: v[keep] for k, v in steps.items()}
         mask = roll["completion_mask"].float()  # (B', N)
@@ -1298,9 +1438,14 @@ def grpo_batch(ctx, args, step):
         adv = group_advantages(rewards, G, scale_by_std=not args.no_std_scaling)  # (B',)
     if steps is not None:
         # process supervision (DeepSeekMath Sec. 4.1.3): a token's advantage is the sum of the group-normalised
-        # PRM rewards of the steps that end at or after it (main refuses --kl-in reward with --reward prm: the
-        # KL folded into `rewards` above would be lost here)
+        # step rewards of the steps that end at or after it (main refuses --kl-in reward with --reward prm or
+        # steps: the KL folded into `rewards` above would be lost here)
         adv = process_advantages(steps["rewards"], steps["ends"], steps["mask"], G, mask.size(1))  # (B', N)
+        if args.process_coef is not None:
+            # outcome plus process (PRIME): the verifier decides which completion of a group is better, the
+            # process term where within a completion the credit goes
+            outcome_adv = group_advantages(outcome, G, scale_by_std=not args.no_std_scaling)  # (B',)
+            adv = outcome_process_advantages(outcome_adv, adv, mask, args.process_coef)  # (B', N)
     roll["adv"] = adv
     add_tis_weights(roll, args, stats, mask)
     # w: the units the loss averages over, per row (tokens for token_mean, sequences otherwise; GSPO's loss is
@@ -1378,10 +1523,11 @@ def ppo_batch(ctx, args, step):
     prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["policy"])
     mask = roll["completion_mask"].float()  # (B, N)
     score = torch.tensor([float(v.correct) for v in verdicts], device=mask.device)  # (B,) verifier outcome
-    stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item()}
+    stats = {"reward": score.mean().item(), "len": mask.sum(1).mean().item(),
+             "cut_off": 1 - roll["finished"].float().mean().item()}
     steps = None
     if args.reward != "verifier":
-        score, steps = learned_rewards(ctx, args, roll, stats)  # (B,), prm: step rewards (B, S)
+        score, steps = rollout_rewards(ctx, args, roll, verdicts, stats)  # (B,); prm, steps: (B, S) each
     roll["old_logps"] = chunked_logps(ctx["policy"], roll, args)  # (B, N)
     roll["old_values"] = chunked_scores(ctx["critic"], roll, args, shift=True) * mask  # (B, N) V(s_t)
     ref_logps = chunked_logps(ctx["ref"], roll, args)  # (B, N)
@@ -1396,7 +1542,8 @@ def ppo_batch(ctx, args, step):
     adv, returns = gae(rewards, roll["old_values"], mask, gamma=args.gamma, lam=args.lam)  # (B, N) each
     # Whiten over the valid tokens of the whole batch (before it is split into minibatches): the policy's step
     # size then does not depend on the reward's scale. Biased variance, as OpenRLHF; padding stays 0.
-    roll["adv"] = (adv - masked_mean(adv, mask)) * torch.rsqrt(masked_var(adv, mask) + 1e-8) * mask  # (B, N)
+    mean, var = batch_mean_var(adv, mask)  # over every rank's rows
+    roll["adv"] = (adv - mean) * torch.rsqrt(var + 1e-8) * mask  # (B, N)
     roll["returns"], roll["rewards"] = returns, rewards  # rewards ride along for tests and inspection
     # explained variance of the critic at rollout time: 1 = perfect values, 0 = no better than a constant
     var_returns = masked_var(returns, mask).item()
@@ -1416,6 +1563,16 @@ def ppo_token_rewards(score, kl, mask, kl_coef):
     rewards = -kl_coef * kl * mask  # (B, N)
     rewards[torch.arange(len(score), device=mask.device), last] += score.to(rewards.dtype)
     return rewards  # (B, N)
+
+
+def batch_mean_var(x, mask):
+    """masked_mean and masked_var of x over the whole batch: with several processes, over every rank's rows."""
+    if WORLD == 1:
+        return masked_mean(x, mask), masked_var(x, mask)
+    n, total = all_sum(mask.sum()), all_sum((x * mask).sum())
+    mean = (total / n.clamp(min=1)).to(x)
+    var = (all_sum((((x - mean) ** 2) * mask).sum()) / n.clamp(min=1)).to(x)
+    return mean, var
 
 
 def masked_var(x, mask):
@@ -1457,8 +1614,12 @@ STAGES["ppo"] = Stage(
 #   the outcome.
 # --reward prm: process supervision (DeepSeekMath, arXiv 2402.03300, Sec. 4.1.3): the PRM's probability that
 #   each step is right, sigmoid(score) at the step's end token, becomes a step reward; grpo turns the step
-#   rewards into advantages with process_advantages. --reward rm: the Bradley-Terry score at the EOS replaces
-#   the verifier's 0/1.
+#   rewards into advantages with process_advantages. --reward steps: the same, with the verifier's own step
+#   labels in place of the PRM (an oracle PRM, the upper bound of process supervision on this task: it tells
+#   whether the formula or the PRM is at fault). --process-coef C (grpo): the verifier's outcome advantage plus
+#   C times the process advantage, centred on each completion (outcome_process_advantages, after PRIME, arXiv
+#   2502.01456). --reward rm: the Bradley-Terry score at the EOS replaces the verifier's 0/1. Every path
+#   follows the cut-off rule (see rollout_rewards): an unfinished completion scores as wrong.
 # Differs from the papers:
 #   1. A scalar score head with binary cross-entropy, not the LM predicting a label token.
 #   2. Verifier labels are exact and LOCAL (a right step after an earlier mistake is right); PRM800K has human
@@ -1471,11 +1632,18 @@ STAGES["ppo"] = Stage(
 #   6. Step reward = sigmoid(PRM logit), a probability in (0, 1); the paper does not say how the PRM's output
 #      becomes a number. The PRM stays frozen during RL; DeepSeekMath's iterative RL retrains it on the
 #      policy's new samples.
+#   7. The PRM's cross-entropy is class-balanced by default (--prm-balance): most sampled steps are right, and
+#      the plain mean is met by a PRM that calls nearly everything right.
+#   8. The cut-off rule (0 for every step of an unfinished completion, and a closing 0 step) is ours; the
+#      papers do not say what a process reward does with a completion that hit the length limit.
+#   9. Outcome plus process centres the process term per completion, which PRIME does not (see
+#      outcome_process_advantages): that makes a right, finished solution outrank every wrong or unfinished one
+#      of its group, whatever the PRM says.
 
 
 def setup_reward(ctx, args):
     """--reward rm | prm: load the frozen scorer (OUT_DIR/rm or OUT_DIR/prm, trained first if missing)."""
-    if args.reward == "verifier":
+    if args.reward in ("verifier", "steps"):
         return
     if args.reward not in STAGES:
         die(f"--reward {args.reward} needs a stage {args.reward!r}, and there is none")
@@ -1485,20 +1653,41 @@ def setup_reward(ctx, args):
 
 
 @torch.no_grad()
-def learned_rewards(ctx, args, roll, stats):
-    """The frozen reward model's verdict on a rollout batch, in place of the verifier's.
+def rollout_rewards(ctx, args, roll, verdicts, stats):
+    """The --reward scorer's verdict on a rollout batch, in place of the verifier's 0/1.
 
-    --reward rm:  a Bradley-Terry reward model's sequence score, read at the completion's last real token (the
-                  EOS of [bos] + prompt + completion + [eos], where the RM was trained to score). Returns
-                  (rewards (B,), None); the caller uses them exactly like the verifier's 0/1.
-    --reward prm: the PRM's probability that each step is right, sigmoid(score) at the step's end token (every
-                  ';', and the EOS closing the answer). Returns (per-row mean step reward (B,), for logging
-                  and dynamic sampling only, and {"rewards", "ends", "mask"} each (B, S)) for
-                  process_advantages / PPO's dense reward.
+    --reward rm:    a Bradley-Terry reward model's sequence score, read at the completion's last real token (the
+                    EOS of [bos] + prompt + completion + [eos], where the RM was trained to score). Returns
+                    (rewards (B,), None); the caller uses them exactly like the verifier's 0/1.
+    --reward prm:   the PRM's probability that each step is right, sigmoid(score) at the step's end token (every
+                    ';', and the EOS closing the answer).
+    --reward steps: the verifier's own local step labels (the oracle PRM), and its outcome for the answer step.
+    prm and steps return (per-row mean step reward (B,), for logging and dynamic sampling, and {"rewards",
+    "ends", "mask"} each (B, S)) for process_advantages / PPO's dense reward.
+
+    THE CUT-OFF RULE, in every reward path: a completion that never emitted EOS (it reached --max-new-tokens)
+    scores as wrong. The verifier calls it wrong (Task.verify); the RM gives it the batch's lowest score; a
+    process reward gives each of its steps 0, the reward of a wrong step, and closes it with a 0 answer step on
+    its last token. Without the rule a process reward pays for steps and never for finishing: a cut-off
+    completion keeps the scores of its plausible steps and has no answer step to be doubted on, and outranks the
+    right, finished solutions of its group.
+
     NOTE: a frozen learned reward can be exploited: the policy finds completions the scorer likes and the
-    verifier does not. The verifier's accuracy is therefore always logged beside it ("reward").
+    verifier does not. The verifier's accuracy is therefore always logged beside it ("reward"), with the
+    fraction cut off ("cut_off") and the length ("len").
     """
-    model, mask = ctx["reward_model"], roll["completion_mask"]  # (B, N)
+    mask, finished = roll["completion_mask"], roll["finished"]  # (B, N), (B,)
+    if args.reward == "steps":
+        ends, step_mask = step_positions(roll["completion_ids"], mask, close=finished)  # (B, S) each
+        rows = [list(v.step_labels) + [int(v.correct)] if done else [0] * int(n)
+                for v, done, n in zip(verdicts, finished.tolist(), step_mask.sum(1).tolist())]
+        for row, n in zip(rows, step_mask.sum(1).tolist()):
+            assert len(row) == n, "step labels and step positions disagree"
+        step_rewards = pad_right(rows + [[0] * ends.shape[1]], 0)[:-1].float().to(mask.device)  # (B, S)
+        stats["step_reward"] = masked_mean(step_rewards, step_mask).item()
+        return masked_mean(step_rewards, step_mask, dim=1), {"rewards": step_rewards, "ends": ends,
+                                                             "mask": step_mask}
+    model = ctx["reward_model"]
     if args.reward == "rm":
         P = roll["prompt_ids"].shape[1]
         ids, attn = rollout.sequence(roll["prompt_ids"], roll["prompt_mask"], roll["completion_ids"],
@@ -1513,9 +1702,11 @@ def learned_rewards(ctx, args, roll, stats):
         stats["rm_score"] = rewards.mean().item()
         return rewards, None
     scores = chunked_scores(model, roll, args)  # (B, N) the PRM's score after reading each completion token
-    ends, step_mask = step_positions(roll["completion_ids"], mask)  # (B, S), (B, S)
+    ends, step_mask = step_positions(roll["completion_ids"], mask, close=finished)  # (B, S), (B, S)
     step_rewards = torch.sigmoid(scores.gather(1, ends)) * step_mask  # (B, S)
+    # the PRM's own mean score, before the cut-off rule: what the policy could learn to please
     stats["prm_step_reward"] = masked_mean(step_rewards, step_mask).item()
+    step_rewards = step_rewards * finished[:, None].to(step_rewards)  # (B, S) the cut-off rule
     seq_rewards = masked_mean(step_rewards, step_mask, dim=1)  # (B,)
     return seq_rewards, {"rewards": step_rewards, "ends": ends, "mask": step_mask}
 
@@ -1523,15 +1714,21 @@ def learned_rewards(ctx, args, roll, stats):
 STEP_END = arith.VOCAB[";"]  # every ';' closes one worked step (char-level tokenizer: one token)
 
 
-def step_positions(completion_ids, completion_mask):
+def step_positions(completion_ids, completion_mask, close=None):
     """Index of the end token of every step of each completion: each ';', then the EOS that closes the answer.
 
     The answer "#N" counts as the last step, so a PRM judges the answer too (Math-Shepherd's last step holds
-    the answer); a cut-off completion has no EOS, hence no answer step. Returns ends (B, S) long and
-    step_mask (B, S), padded with 0 on the right (S = most steps in the batch).
+    the answer); a cut-off completion has no EOS, hence no answer step, unless close (B,) bool is given: then
+    every row where close is False ends with a step at its last real token (if that is not a ';' already), the
+    cut-off answer step of the rewards. Returns ends (B, S) long and step_mask (B, S), padded with 0 on the
+    right (S = most steps in the batch).
     """
     real = completion_mask.bool()  # (B, N)
     is_end = real & ((completion_ids == STEP_END) | (completion_ids == arith.EOS))  # (B, N)
+    if close is not None:
+        last = completion_mask.sum(1, keepdim=True) - 1  # (B, 1)
+        at_last = torch.arange(real.size(1), device=real.device)[None] == last  # (B, N)
+        is_end |= real & at_last & ~close.bool().to(real.device)[:, None]
     rows = [torch.nonzero(row).squeeze(1).tolist() for row in is_end.cpu()]
     ends = pad_right(rows + [[0]], 0)[:-1]  # (B, S); the dummy last row makes S >= 1
     step_mask = pad_right([[1] * len(r) for r in rows] + [[0]], 0)[:-1]  # (B, S)
@@ -1545,7 +1742,10 @@ def setup_prm(args, policy, task):
         # the frozen init policy: it writes the training completions (the PRM must judge the steps and
         # mistakes of the policy it will reward) and, with --prm-labels mc, the rollouts that estimate the
         # labels
-        ctx["sampler"] = load_model(args.init_folder, args.device).eval().requires_grad_(False)
+        sampler = args.prm_policy or args.init_folder
+        ctx["sampler"] = load_model(sampler, args.device).eval().requires_grad_(False)
+        if load_task(args, sampler).tok.identity() != tok.identity():
+            die(f"--prm-policy {sampler} has another tokenizer than the PRM's init {args.init_folder}")
     if args.prm_data == "pretrain":
         texts = task.rows("pretrain")
         # "37+48-19=37+48=85;..." -> prompt up to and including the first '=', the rest is the completion
@@ -1577,7 +1777,7 @@ def prm_batch(ctx, args, step):
     step end positions, via prm_rows."""
     task = ctx["task"]
     if args.prm_data == "pretrain":
-        rows = [ctx["solutions"][i] for i in ctx["order"].take(args.batch_size * args.group_size)]
+        rows = [ctx["solutions"][i] for i in share(ctx["order"].take(args.batch_size * args.group_size))]
         prompts, texts = [p for p, _ in rows], [t for _, t in rows]
         verdicts = [task.verify(p, t) for p, t in rows]
         roll = completion_rows(task.tok, prompts, [task.tok.completion_ids(t) for t in texts], args.device)
@@ -1653,7 +1853,7 @@ def mc_step_labels(prompts, texts, verdicts, complete, n):
 def prm_loss_fn(ctx, args, mb):
     scores = completion_scores(ctx["policy"], mb, args)  # (B, N): no shift, a step is judged at its end token
     step_logits = scores.gather(1, mb["step_ends"])  # (B, S)
-    loss = prm_loss(step_logits, mb["step_labels"], mb["step_mask"])
+    loss = prm_loss(step_logits, mb["step_labels"], mb["step_mask"], balance=args.prm_balance)
     acc = masked_mean(((step_logits > 0).float() == mb["step_labels"]).float(), mb["step_mask"])
     return loss, {"step_acc": acc.detach()}
 
@@ -1679,8 +1879,13 @@ def prm_evaluate(ctx, args):
         return (pred[sel] == label[sel]).float().mean().item() if bool(sel.any()) else float("nan")
 
     step = ~answer
-    return {"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
-            "prm_step_base_rate": label[step].float().mean().item(), "prm_answer_acc": acc(answer)}
+    out = {"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
+           "prm_step_base_rate": label[step].float().mean().item(), "prm_answer_acc": acc(answer),
+           "prm_step_recall_wrong": acc(step & ~label)}
+    # the same numbers under the names of eval.json's "after" (the prm_ ones are kept for older scripts)
+    out.update(step_accuracy=out["prm_step_acc"], step_balanced_accuracy=out["prm_step_balanced_acc"],
+               step_base_rate=out["prm_step_base_rate"])
+    return out
 
 STAGES["prm"] = Stage(
     regime="off-policy (samples of the frozen init)", role="reward for policy reshaping (process)", init="sft",
@@ -2134,10 +2339,12 @@ def prepare(name, user_args):
         policy = GPT(cfg).to(args.device)
         print(f"[{name}] new model from scratch: {policy.num_params() / 1e6:.2f}M parameters")
     policy.grad_checkpointing = args.grad_checkpoint
+    broadcast_weights(policy)  # several processes: one set of weights
     ctx = stage.setup(args, policy, task)
     ctx.update(policy=policy, task=task)
     if "critic" in ctx:
         ctx["critic"].grad_checkpointing = args.grad_checkpoint
+        broadcast_weights(ctx["critic"])
     return args, ctx
 
 
@@ -2159,8 +2366,8 @@ def train_stage(user_args, name):
         if args.resume:
             print(f"[{name}] --resume: no resumable state in {state_dir}, starting from step 0")
         # a model from scratch solves nothing (and never stops generating), so its "before" is 0 by construction
-        before = evaluate(policy, task, problems, args) if problems and args.init else {}
-        if stage.evaluate is not None:
+        before = evaluate(policy, task, problems, args) if problems and args.init and RANK == 0 else {}
+        if stage.evaluate is not None and RANK == 0:
             before.update(stage.evaluate(ctx, args))
         run = {"step": 0, "before": before, "metrics": [], "n_tokens": 0, "elapsed": 0.0, "updates": 0,
                "skipped_steps": 0, "bad_in_a_row": 0}
@@ -2177,6 +2384,10 @@ def train_stage(user_args, name):
         batch = {k: v.to(args.device) for k, v in batch.items()}  # data stages build theirs on the CPU
         n_rows = len(batch["w"])
         row_metrics, bad = [], False
+        # several processes: one minibatch per pass (so every rank takes part in each all-reduce, even with no
+        # rows of its own), and no pass at all when no rank has a row, as one process would skip an empty batch
+        minibatches = list(chunks(n_rows, args.minibatch_size)) if WORLD == 1 else \
+            [slice(0, n_rows)] * bool(all_sum(n_rows) > 0)
         for epoch in range(args.ppo_epochs):
             # The first pass takes the rows in rollout order, so the first minibatch is made of exactly the
             # rows and micro-batch chunks its old log-probs were computed with (ratio exactly 1). Later passes
@@ -2186,11 +2397,13 @@ def train_stage(user_args, name):
             if epoch > 0 and args.minibatch_size < n_rows:
                 order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(
                     args.seed * 1_000_003 + step * 101 + epoch))
-            for mb_slice in chunks(n_rows, args.minibatch_size):
+            for mb_slice in minibatches:
                 mb_metrics = accumulate_gradients(stage, ctx, args, batch, order[mb_slice])
+                sum_gradients(params)  # several processes: the gradient of the whole batch on every rank
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
                 # a non-finite loss or gradient would poison the weights and Adam's moments for good: skip
                 finite = math.isfinite(grad_norm) and all(math.isfinite(m["loss"]) for m in mb_metrics)
+                finite = finite if WORLD == 1 else bool(all_sum(int(not finite)) == 0)  # all ranks agree
                 if finite:
                     opt.step()
                     run["updates"] += 1
@@ -2201,13 +2414,16 @@ def train_stage(user_args, name):
                 row_metrics += mb_metrics
         run["bad_in_a_row"] = run["bad_in_a_row"] + 1 if bad else 0
         # tok/s counts the real (non-pad) tokens of the step's batch: prompts, completions, both sides of a pair
-        run["n_tokens"] += sum(int(v.ne(task.tok.pad_id).sum()) for k, v in batch.items() if k.endswith("ids"))
+        n_tokens = sum(int(v.ne(task.tok.pad_id).sum()) for k, v in batch.items() if k.endswith("ids"))
+        run["n_tokens"] += n_tokens if WORLD == 1 else int(all_sum(n_tokens))
         # --- log: averages over the step's micro-batches, plus the batch's own stats
         rec = {"step": step + 1, "lr": lr, **stats}
         for key in (row_metrics[0] if row_metrics else {}):
             rec[key] = sum(r[key] for r in row_metrics) / len(row_metrics)
         if row_metrics:
             rec["grad_norm"] = float(grad_norm)
+        if WORLD > 1:
+            rec = mean_over_ranks(rec)
         if run["skipped_steps"]:
             rec["skipped_steps"] = run["skipped_steps"]
         # a non-finite number is written as null: metrics.jsonl stays valid JSON
@@ -2226,16 +2442,22 @@ def train_stage(user_args, name):
                  f"{step + 1}; try a lower --lr); stopped without saving, {os.path.join(args.out_dir, name)} "
                  "is as it was")
         run["step"], run["elapsed"] = step + 1, elapsed
-        if STOP_REQUESTED or ((step + 1) % args.save_every == 0 and step + 1 < args.steps):
+        stop = STOP_REQUESTED if WORLD == 1 else bool(all_sum(int(STOP_REQUESTED)) > 0)
+        if (stop or ((step + 1) % args.save_every == 0 and step + 1 < args.steps)) and RANK == 0:
             save_state(state_dir, args, ctx, opt, run)
-        if STOP_REQUESTED:
+        if stop:
+            barrier()
             print(f"[{name}] interrupted at step {step + 1}: continue with the same flags and --resume",
                   file=sys.stderr)
             sys.exit(130)
     if run["updates"] == 0:
         fail(f"[{name}] made no optimizer step in {args.steps} steps (every batch was empty or skipped); "
              f"{os.path.join(args.out_dir, name)} is as it was")
-    # --- held-out pass@1 after, then the atomic checkpoint
+    # --- held-out pass@1 after, then the atomic checkpoint (rank 0 alone; the others wait for it)
+    out = os.path.join(args.out_dir, name)
+    if RANK > 0:
+        barrier()
+        return out
     before = run["before"]
     after = evaluate(policy, task, problems, args) if problems else {}
     if problems:
@@ -2245,7 +2467,6 @@ def train_stage(user_args, name):
         for key in after:
             if key not in ("greedy", "sampled"):
                 print(f"[{name}] held-out {key}: {before.get(key, float('nan')):.4g} -> {after[key]:.4g}")
-    out = os.path.join(args.out_dir, name)
     try:
         save_checkpoint(out, policy, task.tok, args, run["metrics"], {"before": before, "after": after})
     except OSError as e:  # a full or failing disk: the previous checkpoint is still whole, say so
@@ -2254,6 +2475,18 @@ def train_stage(user_args, name):
              f"state in {state_dir}, if one was saved")
     shutil.rmtree(state_dir, ignore_errors=True)  # the stage is done: nothing left to resume
     print(f"[{name}] saved {out} ({fmt_time(time.time() - t0)})")
+    barrier()
+    return out
+
+
+def mean_over_ranks(rec):
+    """A step's log record averaged over ranks, key by key (a rank whose share had no rows logs no loss)."""
+    recs = all_gather_lists([rec])
+    keys = dict.fromkeys(k for r in recs for k in r)
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in recs if isinstance(r.get(k), (int, float))]
+        out[k] = rec.get(k) if k in ("step", "lr") or not vals else sum(vals) / len(vals)
     return out
 
 
@@ -2382,7 +2615,10 @@ def accumulate_gradients(stage, ctx, args, batch, rows):
     the whole minibatch, not a mean of micro-batch means, and does not depend on --micro-batch-size.
     Returns the micro-batches' logged metrics.
     """
-    total_w = batch["w"][rows].sum().clamp(min=1)
+    total_w = batch["w"][rows].sum()
+    if WORLD > 1:
+        total_w = all_sum(total_w).to(total_w)  # the units of every rank's rows: the global mean
+    total_w = total_w.clamp(min=1)
     metrics = []
     for sl in chunks(len(rows), args.micro_batch_size):
         micro = {k: v[rows[sl]] for k, v in batch.items()}
@@ -2407,19 +2643,23 @@ def fmt_time(s):
 def main(argv=None):
     args = get_args(argv)
     names = [s.strip() for s in args.stage.split(",") if s.strip()]
+    if WORLD > 1:
+        start_distributed(args)
     lock = None
-    if os.path.isdir(args.out_dir):
+    if os.path.isdir(args.out_dir) and RANK == 0:
         # the lock first, then repair what a killed save left there, so that validation (say of --init
         # OUT_DIR/sft) and every later code path only ever see complete checkpoints
         lock = lock_out_dir(args.out_dir)
         for name in STAGES:
             recover_folder(os.path.join(args.out_dir, name))
     try:
+        barrier()  # the other ranks read OUT_DIR only after rank 0 repaired it
         validate_run(args, names)  # every flag, folder and data file, before anything is written
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        if lock is None:
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // WORLD))
+        if lock is None and RANK == 0:
             os.makedirs(args.out_dir, exist_ok=True)
             lock = lock_out_dir(args.out_dir)
+        barrier()
         previous_handler = signal.signal(signal.SIGINT, request_stop)  # Ctrl-C: stop after the step, resumable
         try:
             run_stages(args, names)
@@ -2430,13 +2670,28 @@ def main(argv=None):
             lock.close()  # releases the lock
 
 
+def start_distributed(args):
+    """torchrun's ranks: join the group, keep only rank 0's prints, refuse what cannot be split."""
+    global DIST_DEVICE
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    init_distributed(device)
+    DIST_DEVICE = "cuda" if device == "cuda" else "cpu"
+    if RANK > 0:
+        sys.stdout = open(os.devnull, "w")  # rank 0 speaks for all; errors still reach stderr
+    if args.minibatch_size is not None:
+        die(f"--minibatch-size splits a batch that {WORLD} processes already split; with torchrun each pass "
+            "over a rollout batch is one optimizer step")
+
+
 def run_stages(args, names):
     """The stages of --stage in order; each training stage starts from the previous policy's output."""
     outputs = []  # the folders the training stages wrote, in order
     for n in names:
         stage = STAGES[n]
         if stage.run is not None:
-            stage.run(args, n)  # a stage that trains nothing (eval)
+            if RANK == 0:  # eval: rank 0 alone, the others wait
+                stage.run(args, n)  # a stage that trains nothing (eval)
+            barrier()
             continue
         policies = [o for o, s in outputs if not STAGES[s].score_head]
         if policies and not stage.score_head:
@@ -2447,7 +2702,7 @@ def run_stages(args, names):
             setattr(args, stage.pipeline_input, policies[-1])
         outputs.append((train_stage(args, n), n))
     policies = [o for o, s in outputs if not STAGES[s].score_head]
-    if len(policies) > 1 and args.pipeline_eval:
+    if len(policies) > 1 and args.pipeline_eval and RANK == 0:
         eval_pipeline(args, policies)
 
 
@@ -2476,6 +2731,7 @@ def validate_run(args, names):
     if args.eval_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.eval_out))):
         die(f"--eval-out {args.eval_out}: its folder does not exist")
     for flag, folder in (("--init", args.init), ("--teacher", args.teacher), ("--base", args.base),
+                         ("--prm-policy", args.prm_policy),
                          *(("--ckpt", c) for c in args.ckpt or [])):
         if folder is not None:
             check_model_folder(flag, folder)

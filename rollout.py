@@ -73,7 +73,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 @torch.inference_mode()
 def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-           generator=None, pad_id=0):
+           generator=None, pad_id=0, noise_rows=None, stop_all=None):
     """Sample completions for a batch of prompts with a KV cache.
 
     Args:
@@ -86,6 +86,11 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
             max_new_tokens.
         generator: a torch.Generator on the model's device, for reproducible samples.
         pad_id: written in place of prompt padding and of tokens after EOS.
+        noise_rows: (offset, total): these B rows are rows offset .. offset + B - 1 of a batch of `total` rows
+            sampled by several processes; the noise is drawn for all `total` rows and this slice kept, so
+            each row gets exactly the sample it would get in one process sampling the whole batch.
+        stop_all: done (B,) -> whether to stop early; with several processes, whether every process's rows
+            are done (the loop must run as long as one process sampling everything would). Default: done.all().
 
     Returns Samples. N is the longest completion in the batch (<= max_new_tokens): columns in which every row
     had already finished are dropped. logps are of logits/temperature without top-k/top-p; with temperature 0
@@ -131,14 +136,18 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
             # argmax(p / E) with E ~ Exp(1) i.i.d. is an exact draw from p (the smallest of independent
             # exponentials E_v / p_v is E_j / p_j with probability p_j); unlike torch.multinomial it needs
             # no input validation and, on a GPU, no sync
-            noise = torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
+            if noise_rows is None:
+                noise = torch.empty_like(probs).exponential_(generator=generator)  # (B, V)
+            else:
+                offset, total = noise_rows
+                noise = probs.new_empty(total, probs.shape[1]).exponential_(generator=generator)[offset:offset + B]
             next_id = (probs / noise).argmax(-1)  # (B,)
         ids.append(next_id)
         logps.append(gather_logprobs(logits, next_id))  # (B,) of the untruncated tempered distribution
         finished.append(done)  # rows already finished before this token: they get pad, mask 0, logp 0
         if stop is not None:
             done = done | torch.isin(next_id, stop)  # (B,)
-            if (t + 1) % CHECK_EVERY == 0 and bool(done.all()):
+            if (t + 1) % CHECK_EVERY == 0 and (stop_all(done) if stop_all else bool(done.all())):
                 break
         if t + 1 < max_new_tokens:
             # one new column for every row, finished or not (no per-row work); cache.pos advances by 1
@@ -154,18 +163,19 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, eos_id=None, generator=None, pad_id=0,
-             autocast=nullcontext):
+             autocast=nullcontext, noise_rows=None, stop_all=None, max_prompt_len=None):
     """sample() as every stage calls it: the length budget clamped to the model's context, under autocast.
 
     max_new_tokens is cut to what fits after the longest prompt (config.max_seq_len), so a long prompt
     shortens the budget instead of failing. The returned tensors are ordinary ones, not inference-mode
     tensors (which a forward that autograd records may not save), ready to train on. The model's train / eval
-    mode is left as the caller set it.
+    mode is left as the caller set it. noise_rows, stop_all: see sample; max_prompt_len: the longest prompt of
+    the whole batch when several processes share it (the budget must be the same for all).
     """
-    max_new = min(max_new_tokens, model.config.max_seq_len - max(map(len, prompts)))
+    max_new = min(max_new_tokens, model.config.max_seq_len - max(max(map(len, prompts)), max_prompt_len or 0))
     with autocast():
         s = sample(model, prompts, max_new, temperature=temperature, eos_id=eos_id, generator=generator,
-                   pad_id=pad_id)
+                   pad_id=pad_id, noise_rows=noise_rows, stop_all=stop_all)
     return Samples(*(getattr(s, f.name).clone() for f in fields(s)))
 
 

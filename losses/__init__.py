@@ -5,7 +5,8 @@ copy a function out together with that helper. The names, argument order and ret
 exported here are stable: new options arrive as keyword arguments with defaults.
 """
 
-from .advantages import gae, group_advantages, overlong_penalty, process_advantages, rloo_advantages
+from .advantages import (gae, group_advantages, outcome_process_advantages, overlong_penalty, process_advantages,
+                         rloo_advantages)
 from .common import IGNORE_INDEX, gather_logprobs, masked_mean, token_logprobs
 from .distill import generalized_jsd_loss, kl_distill_loss, token_reverse_kl_pg_loss
 from .dpo import dpo_loss, kto_loss, orpo_loss, reward_model_loss, simpo_loss
@@ -30,6 +31,7 @@ __all__ = [
     "kto_loss",
     "masked_mean",
     "orpo_loss",
+    "outcome_process_advantages",
     "overlong_penalty",
     "policy_loss",
     "prm_loss",

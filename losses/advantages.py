@@ -1,5 +1,5 @@
-"""Advantage estimators: group-relative (GRPO, Dr. GRPO), leave-one-out (RLOO), GAE (PPO), and process
-supervision (DeepSeekMath step rewards spread over tokens).
+"""Advantage estimators: group-relative (GRPO, Dr. GRPO), leave-one-out (RLOO), GAE (PPO), process
+supervision (DeepSeekMath step rewards spread over tokens) and outcome plus process (PRIME).
 
 Advantages are constants of the policy update, so every function here detaches its inputs and returns tensors
 without gradient. This file imports only torch: nothing here needs a shared helper.
@@ -205,6 +205,49 @@ def process_advantages(step_rewards, step_ends, step_mask, group_size, seq_len, 
     at_end = normed.new_zeros(B, seq_len)  # (B, T)
     at_end.scatter_add_(1, ends, normed.masked_fill(~valid, 0.0))  # (B, T)
     return at_end.flip(-1).cumsum(dim=-1).flip(-1)  # (B, T)
+
+
+def outcome_process_advantages(outcome_adv, process_adv, mask, process_coef):
+    """Outcome plus process: the outcome's group advantage on every token of a completion, plus process_coef
+    times the process advantage re-centred on each completion's own token mean.
+
+    Objective, for completion i with valid tokens t = 1..n_i:
+        A_i[t] = A_i^out + c * (P_i[t] - (1 / n_i) * sum_s P_i[s])
+    where A^out is an outcome advantage (e.g. group_advantages of the verifier's 0/1) and P a process
+    advantage (e.g. process_advantages of step rewards), each normalised on its own before they meet.
+
+    What the centring buys: the token mean of A_i is exactly A_i^out, for any c. Which completion of a group
+    is better is then decided by the outcome alone, and the process term only moves credit between the tokens
+    of one completion (a wrong solution's right early steps are blamed less than its slip). So a finished right
+    solution never gets a lower mean advantage than a wrong or cut-off one of its group, however the process
+    rewards are biased: a frozen scorer that likes long, unfinished or wrong-but-plausible completions cannot
+    outvote the verifier.
+
+    Paper: PRIME, Cui et al. 2025, arXiv 2502.01456, Sec. 3.3: outcome and process returns computed separately,
+    each with its own (leave-one-out) baseline, and added.
+
+    Args:
+        outcome_adv:  (B,) one advantage per completion.
+        process_adv:  (B, T) per-token advantages; masked positions are ignored.
+        mask:         (B, T) 1 on completion tokens.
+        process_coef: c >= 0, the weight of the process term.
+
+    Returns:
+        (B, T) fp32, detached, 0 at masked positions.
+
+    Differs from the paper:
+        1. PRIME adds the process return as it is; we subtract each completion's mean of it first, which is
+           what makes the ordering above hold. The cost: the process term says nothing about which of two
+           completions is better, only where within one the credit goes.
+        2. Group-normalised baselines (GRPO) for both terms where PRIME uses leave-one-out ones.
+    """
+    if process_coef < 0:
+        raise ValueError(f"outcome_process_advantages: process_coef must be >= 0, got {process_coef}")
+    m = mask.detach().float()  # (B, T)
+    p = process_adv.detach().float() * m  # (B, T)
+    row_mean = p.sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+    centred = (p - row_mean) * m  # (B, T)
+    return (outcome_adv.detach().float()[:, None] + process_coef * centred) * m  # (B, T)
 
 
 def overlong_penalty(lengths, max_len, buffer):

@@ -140,3 +140,18 @@ def test_seed_summary_is_mean_and_sd_across_seeds_of_the_paired_changes():
     assert g["change_mean"] == 25.0 and abs(g["change_sd"] - 50 / 2 ** 0.5) < 1e-9
     assert abs(g["per_seed"][0]["paired_se"] - 50.0) < 1e-9  # sd of the differences (100, 0) / sqrt(2)
     assert g["after_mean"] == 75.0
+
+
+def test_seed_summary_carries_scorer_checks_and_the_last_steps_signals():
+    import seeds
+    # a prm variant: no greedy / sampled, a held-out check; the last 5 of 6 logged steps average the signals
+    steps = [{"reward": r, "cut_off": c} for r, c in ((0.0, 1.0), (1, 0), (1, 0), (0, 0), (0, 0), (0.5, 0.5))]
+    evals = {1: {"before": {}, "after": {"step_balanced_accuracy": 0.8}, "metrics": steps},
+             2: {"before": {}, "after": {"step_balanced_accuracy": 0.9}, "metrics": steps[1:]}}
+    out = seeds.summarise(evals)
+    assert "greedy" not in out
+    held = out["held_out"]["step_balanced_accuracy"]
+    assert held["per_seed"] == [0.8, 0.9] and abs(held["mean"] - 0.85) < 1e-12
+    assert out["last_steps"]["reward"]["per_seed"] == [0.5, 0.5] and out["last_steps"]["cut_off"]["mean"] == 0.1
+    table = seeds.signals_table({"prm": {"result": out}}, ["prm"])
+    assert "`step_balanced_accuracy`" in table and "0.85 ± 0.071" in table

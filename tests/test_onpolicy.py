@@ -358,6 +358,8 @@ def test_a_stage_that_made_no_optimizer_step_writes_nothing(out_dir, capsys):
 @pytest.mark.parametrize("stage, extra", [
     ("grpo", []), ("ppo", []), ("prm", []), ("prm", ["--prm-labels", "mc"]),
     ("grpo", ["--reward", "prm"]), ("ppo", ["--reward", "prm"]), ("grpo", ["--reward", "rm"]),
+    ("grpo", ["--reward", "steps"]), ("ppo", ["--reward", "steps"]),
+    ("grpo", ["--reward", "prm", "--process-coef", "1"]),
 ])
 def test_stage_runs_end_to_end(out_dir, stage, extra):
     posttrain.main(["--stage", stage, "--out-dir", str(out_dir), *E2E, *extra])
@@ -367,6 +369,10 @@ def test_stage_runs_end_to_end(out_dir, stage, extra):
     assert saved["stage"] == stage and saved["reward"] == (extra[1] if "--reward" in extra else "verifier")
     if stage == "prm":
         assert json.load(open(folder / "config.json"))["score_head"] is True
-        assert "prm_step_acc" in json.load(open(folder / "eval.json"))["after"]
-    if "--reward" in extra:
+        after = json.load(open(folder / "eval.json"))["after"]
+        assert after["step_accuracy"] == after["prm_step_acc"] and "step_balanced_accuracy" in after
+    if "--reward" in extra and extra[1] != "steps":  # steps: the verifier's labels, no model
         assert (out_dir / extra[1] / "model.safetensors").is_file()  # the scorer was built (or found) first
+    if stage in ("grpo", "ppo"):
+        rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        assert all(0 <= r["cut_off"] <= 1 for r in rows)  # a reward-hacking signal, logged every step
