@@ -308,7 +308,7 @@ def check_stage_args(args, name):
         value = getattr(args, flag.replace("-", "_"))
         if value is not None and not (math.isfinite(value) and ok(value)):
             die(f"--{flag} must be {what}, got {value}")
-    if WORLD > 1 and args.batch_size % WORLD:
+    if WORLD > 1 and args.batch_size is not None and args.batch_size % WORLD:
         unit = "prompts" if name in ("grpo", "ppo", "rft", "prm", "distill") else "rows"
         die(f"--batch-size {args.batch_size} ({name}: {unit} per step) does not divide by the {WORLD} processes "
             "torchrun started: every rank takes an equal share")
@@ -2593,8 +2593,10 @@ def load_state(folder, args, ctx, opt):
 
 
 def fail(msg):
-    """A run that cannot go on (not bad input): one line on stderr and exit code 1; nothing is saved."""
-    print(f"posttrain: error: {msg}", file=sys.stderr)
+    """A run that cannot go on (not bad input): one line on stderr and exit code 1; nothing is saved. With
+    several processes every rank stops, and rank 0 alone says why."""
+    if RANK == 0:
+        print(f"posttrain: error: {msg}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -94,3 +94,14 @@ def test_a_batch_that_does_not_divide_is_refused(tmp_path):
     lines = [line for line in p.stderr.splitlines() if line.startswith("posttrain: error:")]
     assert len(lines) == 1 and "--batch-size 3" in lines[0] and "2 processes" in lines[0]
     assert not (tmp_path / "out" / "sft").exists()
+
+
+def test_eval_runs_under_torchrun_on_rank_0(runs, tmp_path):
+    init = runs["one"][0].parent / "init"
+    p = subprocess.run([*torchrun(2, os.path.join(ROOT, "posttrain.py")), "--stage", "eval", "--ckpt", str(init),
+                        "--base", str(init), "--eval-problems", "4", "--eval-n", "2", "--max-new-tokens", "12",
+                        "--out-dir", str(tmp_path / "out"), "--device", "cpu"],
+                       capture_output=True, text=True, env=env(), cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.load(open(tmp_path / "out" / "eval.json"))
+    assert p.stdout.count("[eval] wrote") == 1 and res  # one writer, one report
