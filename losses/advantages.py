@@ -233,7 +233,8 @@ def outcome_process_advantages(outcome_adv, process_adv, mask, process_coef):
         process_coef: c >= 0, the weight of the process term.
 
     Returns:
-        (B, T) fp32, detached, 0 at masked positions.
+        (B, T) fp32, detached, 0 at masked positions. With process_coef = 0, or a process advantage that is
+        constant along each completion, every token gets its completion's outcome advantage.
 
     Differs from the paper:
         1. PRIME adds the process return as it is; we subtract each completion's mean of it first, which is
