@@ -1678,14 +1678,11 @@ def rollout_rewards(ctx, args, roll, verdicts, stats):
     """
     mask, finished = roll["completion_mask"], roll["finished"]  # (B, N), (B,)
     if args.reward == "steps":
-        ends, step_mask = step_positions(roll["completion_ids"], mask, close=finished)  # (B, S) each
-        rows = [list(v.step_labels) + [int(v.correct)] if done else [0] * int(n)
-                for v, done, n in zip(verdicts, finished.tolist(), step_mask.sum(1).tolist())]
-        for row, n in zip(rows, step_mask.sum(1).tolist()):
-            assert len(row) == n, "step labels and step positions disagree"
-        step_rewards = pad_right(rows + [[0] * ends.shape[1]], 0)[:-1].float().to(mask.device)  # (B, S)
+        # the PRM's training rows with the cut-off rule: the labels a perfect PRM would learn to give
+        rows = prm_rows(roll, verdicts, [v.step_labels for v in verdicts], close=finished)
+        step_rewards, step_mask = rows["step_labels"].to(mask.device), rows["step_mask"]  # (B, S) each
         stats["step_reward"] = masked_mean(step_rewards, step_mask).item()
-        return masked_mean(step_rewards, step_mask, dim=1), {"rewards": step_rewards, "ends": ends,
+        return masked_mean(step_rewards, step_mask, dim=1), {"rewards": step_rewards, "ends": rows["step_ends"],
                                                              "mask": step_mask}
     model = ctx["reward_model"]
     if args.reward == "rm":
@@ -1744,7 +1741,7 @@ def setup_prm(args, policy, task):
         # labels
         sampler = args.prm_policy or args.init_folder
         ctx["sampler"] = load_model(sampler, args.device).eval().requires_grad_(False)
-        if load_task(args, sampler).tok.identity() != tok.identity():
+        if args.prm_policy and load_task(args, sampler).tok.identity() != tok.identity():
             die(f"--prm-policy {sampler} has another tokenizer than the PRM's init {args.init_folder}")
     if args.prm_data == "pretrain":
         texts = task.rows("pretrain")
@@ -1797,15 +1794,20 @@ def prm_batch(ctx, args, step):
     return batch, stats
 
 
-def prm_rows(roll, verdicts, labels):
+def prm_rows(roll, verdicts, labels, close=None):
     """A rollout batch + per-step labels -> PRM training rows: the step end positions, their labels and mask.
 
     labels[b] labels the ';'-steps of row b; the answer step (at the EOS) is labelled by the outcome.
+    close (B,) bool, for rewards: the cut-off rule, as in step_positions; a row where it is False gets a
+    closing step and every one of its steps labelled 0.
     """
-    ends, step_mask = step_positions(roll["completion_ids"], roll["completion_mask"])  # (B, S) each
+    ends, step_mask = step_positions(roll["completion_ids"], roll["completion_mask"], close=close)  # (B, S)
     rows = []
     for b, (v, lab) in enumerate(zip(verdicts, labels)):
         finished = bool((roll["completion_ids"][b] == arith.EOS).any())
+        if close is not None and not bool(close[b]):
+            rows.append([0] * int(step_mask[b].sum()))  # cut off: wrong, every step of it
+            continue
         rows.append(list(lab) + [int(v.correct)] * finished)
         # ';' tokens before the EOS are exactly the ';' characters of the decoded text the verifier read
         assert len(rows[-1]) == int(step_mask[b].sum()), "step labels and step positions disagree"

@@ -211,7 +211,8 @@ def orpo_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
         losses (B,) and the log odds ratio (B,), detached.
 
     Value on hand-worked numbers: p_chosen = 1/2, p_rejected = 1/4 give odds 1 and 1/3, log odds ratio ln 3,
-    and loss = ln 2 + lam * ln(4/3).
+    and loss = ln 2 + lam * ln(4/3). When chosen and rejected are equally likely (as at initialisation, for two
+    completions of equal length and average log-prob) the odds term is lam * ln 2 and the rest is the NLL.
 
     Differs from the paper:
         1. log(1 - p) is computed as log(-expm1(log p)), exact even where p is close to 1.
