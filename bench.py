@@ -7,6 +7,10 @@ Speed figures for posttrain, one function per benchmark:
     python bench.py --what smollm2 --grpo-prompts 4 --group-size 4 --new-tokens 32
                                        the same on a random model of SmolLM2-135M's shape, with peak memory,
                                        and our sampler against transformers' generate on its weights
+    python bench.py --what gemm        the machine's matrix-product peak (GFLOP/s) at the model's shapes,
+                                       fp32 and bf16
+    python bench.py --what train       pretrain and sft optimizer steps: real tokens/s, GFLOP/s and the
+                                       fraction of the fp32 GEMM peak measured in the same run (MFU)
 
 This script (only this one, besides the test-fixture script) imports transformers, and only if present; the
 program never needs it. Timings are wall-clock medians after a warm-up run, on the threads torch is given.
@@ -214,7 +218,89 @@ def bench_smollm2(args):
           f"transformers generate {n / secs['hf']:.0f} tok/s, ours/HF {secs['hf'] / secs['ours']:.2f}x")
 
 
-BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2}
+def model_shapes(config, rows):
+    """(M, K, N) of every matrix product in a forward of `rows` tokens through the model: q, k, v, o, the
+    SwiGLU's three and the LM head. The backward's products have the same three sizes, permuted."""
+    q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    D, I = config.n_embd, config.intermediate_size
+    return [(rows, D, q), (rows, D, kv), (rows, q, D), (rows, D, I), (rows, I, D), (rows, D, config.vocab_size)]
+
+
+def gemm_peak(config, rows, reps, dtype=torch.float32):
+    """GFLOP/s of torch.mm at each of the model's forward shapes (model_shapes), and their maximum, the peak
+    a training step could reach on this machine. Median of reps timings of 10 products each."""
+    out = {}
+    for M, K, N in sorted(set(model_shapes(config, rows))):
+        a, b = torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+        secs = median_times({"mm": lambda: [torch.mm(a, b) for _ in range(10)]}, reps)["mm"] / 10
+        out[(M, K, N)] = 2 * M * K * N / secs / 1e9
+    return out
+
+
+def bench_gemm(args):
+    """The machine's matrix-product peak at the default model's shapes, fp32 and bf16."""
+    config = GPTConfig()
+    rows = args.gemm_rows
+    print(f"GEMM (torch.mm) at the default model's shapes, M = {rows} tokens, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}")
+    results = {dt: gemm_peak(config, rows, args.reps, dt) for dt in (torch.float32, torch.bfloat16)}
+    print(f"{'M x K x N':>18} {'fp32 GFLOP/s':>13} {'bf16 GFLOP/s':>13}")
+    for shape in results[torch.float32]:
+        print(f"{'x'.join(map(str, shape)):>18} {results[torch.float32][shape]:>13.1f} "
+              f"{results[torch.bfloat16][shape]:>13.1f}")
+    print(f"{'peak':>18} {max(results[torch.float32].values()):>13.1f} {max(results[torch.bfloat16].values()):>13.1f}")
+    return results
+
+
+def train_flops_per_token(config, seq_len):
+    """Training FLOPs per token: 6 per matrix parameter (forward 2, backward 4), plus attention's
+    12 * layers * width * context (Kaplan et al. 2020 / nanoGPT's estimate), width = heads x head size."""
+    matrix = sum(K * N for _, K, N in model_shapes(config, 1)) * config.n_layer \
+        - config.n_embd * config.vocab_size * (config.n_layer - 1)  # the LM head once, not per layer
+    return 6 * matrix + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+def bench_train(args):
+    """Optimizer steps of pretrain and sft as posttrain.py runs them (the stages' own batches, loss and
+    accumulate_gradients, AdamW), in real (non-pad) tokens per second, GFLOP/s and MFU: the fraction of the
+    fp32 GEMM peak measured in this same run at the same number of rows."""
+    import posttrain
+    config = GPTConfig()
+    print(f"training steps, default model ({GPT(config).num_params() / 1e6:.2f}M params), "
+          f"{torch.get_num_threads()} threads, median of {args.reps}")
+    for name in ("pretrain", "sft"):
+        with tempfile.TemporaryDirectory() as tmp:
+            init = []
+            if name == "sft":
+                torch.manual_seed(0)
+                GPT(config).save_pretrained(tmp)
+                Tokenizer(task.DATA_DIR).save(tmp)
+                init = ["--init", tmp]
+            pargs, ctx = posttrain.prepare(name, posttrain.get_args(["--stage", name, "--out-dir", tmp, *init]))
+        stage, policy = posttrain.STAGES[name], ctx["policy"]
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        batches = [stage.make_batch(ctx, pargs, i)[0] for i in range(args.reps + 1)]
+        it = iter(batches)
+
+        def step():
+            batch = next(it)
+            posttrain.accumulate_gradients(stage, ctx, pargs, batch, torch.arange(len(batch["w"])))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        secs = median_times({"step": step}, args.reps)["step"]
+        real = statistics.median(int((b["ids"] != ctx["pad"]).sum()) for b in batches)
+        T = statistics.median(b["ids"].shape[1] for b in batches)
+        rows = int(statistics.median(b["ids"].numel() for b in batches))
+        flops = train_flops_per_token(config, T) * real / secs
+        peak = max(gemm_peak(config, rows, args.reps).values())
+        print(f"  {name:8s} batch {pargs.batch_size} x {T} tokens ({real} real): {secs * 1e3:6.1f} ms/step, "
+              f"{real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = {flops / 1e9 / peak:4.0%} of the "
+              f"{peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}")
+
+
+BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2, "gemm": bench_gemm,
+              "train": bench_train}
 
 
 def main():
@@ -232,6 +318,7 @@ def main():
     parser.add_argument("--grpo-prompts", type=int, default=16, help="grpo: prompts per step")
     parser.add_argument("--group-size", type=int, default=8, help="grpo: completions per prompt")
     # smollm2 uses --grpo-prompts, --group-size and --new-tokens
+    parser.add_argument("--gemm-rows", type=int, default=4096, help="gemm: M, the tokens of one product")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     BENCHMARKS[args.what](args)

@@ -207,9 +207,10 @@ def get_args(argv=None):
     g.add_argument("--round-prompts", type=int, default=1024,
                    help="rft: rl.jsonl prompts sampled per round (--group-size samples each, BATCH_SIZE "
                         "prompts at a time)")
-    g.add_argument("--prm-data", default="samples", choices=["samples", "pretrain"],
+    g.add_argument("--prm-data", default="samples", choices=["samples", "pretrain", "mixed"],
                    help="prm: completions to learn from; samples = the init policy's own on rl.jsonl "
-                        "prompts, pretrain = the noisy worked solutions of pretrain.jsonl")
+                        "prompts, pretrain = the noisy worked solutions of pretrain.jsonl, mixed = both, "
+                        "as many of each per step (held out: the policy's samples)")
     g.add_argument("--prm-labels", default="verifier", choices=["verifier", "mc"],
                    help="prm: step labels; verifier = the task's step checker, mc = Math-Shepherd "
                         "Monte-Carlo (1 if any of --mc-rollouts continuations from the step reaches the "
@@ -218,6 +219,9 @@ def get_args(argv=None):
     g.add_argument("--prm-policy", default=None,
                    help="prm --prm-data samples: the policy whose completions the PRM learns to judge (unset: the "
                         "PRM's own init)")
+    g.add_argument("--prm-tokens", action=argparse.BooleanOptionalAction, default=False,
+                   help="prm --prm-labels verifier: train the score at every token of a step (1 until the step's "
+                        "first wrong token, 0 from it), not only at its ';'")
     g.add_argument("--prm-balance", action=argparse.BooleanOptionalAction, default=True,
                    help="prm: right and wrong steps weigh half of the loss each (class-balanced cross-entropy)")
     # eval
@@ -317,6 +321,8 @@ def check_stage_args(args, name):
             "per token: use --policy-loss ppo or cispo")
     if args.policy_loss == "gspo" and args.reward in ("prm", "steps"):
         die(f"--policy-loss gspo needs one advantage per sequence; --reward {args.reward} gives one per token")
+    if args.prm_tokens and args.prm_labels == "mc":
+        die("--prm-tokens needs --prm-labels verifier: Monte-Carlo labels exist per step, not per token")
     if args.process_coef is not None and not (name == "grpo" and args.reward in ("prm", "steps")):
         die("--process-coef weighs grpo's process advantage: it needs --stage grpo with --reward prm or steps")
     if args.policy_loss == "gspo" and args.tis_cap is not None:
@@ -752,22 +758,25 @@ def ensure_stage_output(user_args, name):
 
 
 @torch.no_grad()
-def sample_and_verify(model, task, prompts, args, temperature, generator, rows=None):
+def sample_and_verify(model, task, prompts, args, temperature, generator, rows=None, return_entropy=False):
     """One completion for each prompt (text) from model, decoded and verified -> (texts, verdicts, roll).
 
     Every stage that samples comes through here (rollouts, eval, self-generated pairs, PRM data). roll holds
     the rollout tensors: prompt_ids, prompt_mask (B, P) left padded; completion_ids, completion_mask (B, N),
     the mask 1 up to and including EOS; sampler_logps (B, N), the sampler's own log-probs (a diagnostic);
-    finished (B,) whether the row emitted EOS. rows: see sample_groups.
+    finished (B,) whether the row emitted EOS; with return_entropy, entropy (B, N) of each step's distribution.
+    rows: see sample_groups.
     """
     tok = task.tok
     s = rollout.generate(model, tok.prompts_ids(prompts), args.max_new_tokens,
                          temperature=temperature, eos_id=tok.stop_ids, generator=generator, pad_id=tok.pad_id,
-                         autocast=args.amp, **(rows or {}))
+                         autocast=args.amp, return_entropy=return_entropy, **(rows or {}))
     texts = [tok.decode(c) for c in s.completion_ids.tolist()]
     verdicts = [task.verify(p, t, done) for p, t, done in zip(prompts, texts, s.finished.tolist())]
     roll = {"prompt_ids": s.prompt_ids, "prompt_mask": s.prompt_mask, "completion_ids": s.completion_ids,
             "completion_mask": s.completion_mask, "sampler_logps": s.logps, "finished": s.finished}
+    if return_entropy:
+        roll["entropy"] = s.entropy
     return texts, verdicts, roll
 
 
@@ -795,22 +804,51 @@ def all_ranks_done(done):
     return bool(all_sum(int(not bool(done.all()))) == 0)
 
 
-def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256):
+def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256, by_length=False, scores=None):
     """n completions per prompt -> (correct (P, n) bool, P * n texts, P * n completion id lists).
 
     A prompt's n samples are consecutive. The id lists are the sampled tokens themselves, up to and
     including EOS: the exact sequences, which decoded text is not (decode drops the special tokens).
+
+    by_length (the eval stage): batch rows of equal prompt length together, up to batch_rows at a time, and
+    return them in the usual order. Such a batch needs no padding mask, and its rows finish at about the same
+    step, so the sampler wastes few decode steps on finished rows. The samples are different draws from the
+    same distribution (the noise meets the rows in another order). scores: a dict that receives the
+    sampler's "seq_logps" and "entropy" (summed over each completion) and "n_tokens", (P * n,) each, what a
+    forward over the samples would compute again.
     """
     gen = torch.Generator(device=args.device).manual_seed(seed)
     rows = [p for p in prompts for _ in range(n)]
-    correct, texts, completions = [], [], []
-    for i in range(0, len(rows), batch_rows):
-        t, verdicts, roll = sample_and_verify(model, task, rows[i:i + batch_rows], args, temperature, gen)
-        texts += t
-        correct += [v.correct for v in verdicts]
-        lengths = roll["completion_mask"].sum(1).tolist()
-        completions += [c[:m] for c, m in zip(roll["completion_ids"].tolist(), lengths)]
+    lengths = [len(ids) for ids in task.tok.prompts_ids(prompts) for _ in range(n)] if by_length else None
+    batches = row_batches(len(rows), batch_rows, lengths)
+    correct, texts, completions = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+    seq_logps, entropy, n_tokens = [0.0] * len(rows), [0.0] * len(rows), [0] * len(rows)
+    for idx in batches:
+        t, verdicts, roll = sample_and_verify(model, task, [rows[i] for i in idx], args, temperature, gen,
+                                              return_entropy=scores is not None)
+        mask = roll["completion_mask"]  # (b, N)
+        lengths = mask.sum(1).tolist()
+        for j, (i, c) in enumerate(zip(idx, roll["completion_ids"].tolist())):
+            texts[i], correct[i], completions[i] = t[j], verdicts[j].correct, c[:lengths[j]]
+        if scores is not None:
+            for j, (lp, ent) in enumerate(zip((roll["sampler_logps"] * mask).sum(1).tolist(),
+                                              (roll["entropy"] * mask).sum(1).tolist())):
+                seq_logps[idx[j]], entropy[idx[j]], n_tokens[idx[j]] = lp, ent, lengths[j]
+    if scores is not None:
+        scores.update(seq_logps=torch.tensor(seq_logps), entropy=torch.tensor(entropy),
+                      n_tokens=torch.tensor(n_tokens))
     return torch.tensor(correct).view(len(prompts), n), texts, completions
+
+
+def row_batches(n, batch_rows, lengths=None):
+    """Index lists that cut rows 0 .. n - 1 into batches of at most batch_rows: consecutive rows, or, given
+    each row's prompt length, rows of one length together (shortest first, in row order within a length)."""
+    if lengths is None:
+        return [list(range(i, min(i + batch_rows, n))) for i in range(0, n, batch_rows)]
+    groups = {}
+    for i, length in enumerate(lengths):
+        groups.setdefault(length, []).append(i)
+    return [idx[i:i + batch_rows] for _, idx in sorted(groups.items()) for i in range(0, len(idx), batch_rows)]
 
 
 def completion_rows(tok, prompts, completions, device):
@@ -1611,7 +1649,10 @@ STAGES["ppo"] = Stage(
 #   mistakes) or the noisy worked solutions of pretrain.jsonl (--prm-data pretrain). Labels (--prm-labels):
 #   the verifier's local step labels, or Math-Shepherd Monte-Carlo labels (can the init still reach the right
 #   answer from here? --mc-rollouts tries). The answer "#N" is a last step, scored at the EOS and labelled by
-#   the outcome.
+#   the outcome. --prm-data mixed: the init's samples plus as many noisy worked solutions of pretrain.jsonl
+#   per step (more wrong steps to learn from; held out are the samples). --prm-tokens: the score is also
+#   trained at every token of a step, 1 until the step's first wrong token and 0 from it (the mistake's
+#   position, from the verifier), so the PRM is told where a step went wrong, not only that it did.
 # --reward prm: process supervision (DeepSeekMath, arXiv 2402.03300, Sec. 4.1.3): the PRM's probability that
 #   each step is right, sigmoid(score) at the step's end token, becomes a step reward; grpo turns the step
 #   rewards into advantages with process_advantages. --reward steps: the same, with the verifier's own step
@@ -1636,7 +1677,9 @@ STAGES["ppo"] = Stage(
 #      the plain mean is met by a PRM that calls nearly everything right.
 #   8. The cut-off rule (0 for every step of an unfinished completion, and a closing 0 step) is ours; the
 #      papers do not say what a process reward does with a completion that hit the length limit.
-#   9. Outcome plus process centres the process term per completion, which PRIME does not (see
+#   9. --prm-tokens trains on token-level labels that no paper's PRM has; the score is read at the ';' as
+#      without it.
+#  10. Outcome plus process centres the process term per completion, which PRIME does not (see
 #      outcome_process_advantages): that makes a right, finished solution outrank every wrong or unfinished one
 #      of its group, whatever the PRM says.
 
@@ -1735,7 +1778,7 @@ def step_positions(completion_ids, completion_mask, close=None):
 def setup_prm(args, policy, task):
     tok = task.tok
     ctx = prompt_source(rl_prompts(task), args)
-    if args.prm_data == "samples" or args.prm_labels == "mc":
+    if args.prm_data in ("samples", "mixed") or args.prm_labels == "mc":
         # the frozen init policy: it writes the training completions (the PRM must judge the steps and
         # mistakes of the policy it will reward) and, with --prm-labels mc, the rollouts that estimate the
         # labels
@@ -1743,12 +1786,12 @@ def setup_prm(args, policy, task):
         ctx["sampler"] = load_model(sampler, args.device).eval().requires_grad_(False)
         if args.prm_policy and load_task(args, sampler).tok.identity() != tok.identity():
             die(f"--prm-policy {sampler} has another tokenizer than the PRM's init {args.init_folder}")
-    if args.prm_data == "pretrain":
+    if args.prm_data in ("pretrain", "mixed"):
         texts = task.rows("pretrain")
         # "37+48-19=37+48=85;..." -> prompt up to and including the first '=', the rest is the completion
         ctx["solutions"] = [(r["text"][:r["text"].index("=") + 1], r["text"][r["text"].index("=") + 1:])
                             for r in texts]
-        ctx["order"] = Shuffler(len(ctx["solutions"]), args.seed)
+        ctx["solution_order"] = Shuffler(len(ctx["solutions"]), args.seed)
     # Held-out steps, drawn once (fixed seed) so that before and after see the same ones: completions of the
     # same kind as the training data for the first --eval-problems held-out prompts, --eval-samples each: the
     # init policy's samples, or noisy worked solutions.
@@ -1766,27 +1809,89 @@ def setup_prm(args, policy, task):
         verdicts = [task.verify(p, t, tok.eos_id in c) for p, t, c in zip(prompts, texts, completions)]
         labels = [v.prefix_labels if args.prm_labels == "mc" else v.step_labels for v in verdicts]
         ctx["heldout"] = prm_rows(completion_rows(tok, prompts, completions, args.device), verdicts, labels)
+        if "sampler" in ctx:
+            ctx["heldout_init_logp"] = init_logp_check(ctx["sampler"], ctx["heldout"], args)
     return ctx
 
 
+@torch.no_grad()
+def init_logp_check(model, rows, args):
+    """step_auc and step_balanced_accuracy_best of an untrained step score: model's smallest token log-prob
+    within each ';' step of the held-out PRM rows (a step starts after the previous step's end)."""
+    logps = chunked_logps(model, rows, args)  # (B, N)
+    z, labels = [], []
+    for b in range(len(logps)):
+        start = 0
+        for end, label, real in zip(rows["step_ends"][b].tolist(), rows["step_labels"][b].tolist(),
+                                    rows["step_mask"][b].tolist()):
+            if real and rows["completion_ids"][b, end] == STEP_END:
+                z.append(logps[b, start:end + 1].min().item())
+                labels.append(bool(label))
+            start = end + 1
+    if not z:
+        return {}
+    z, labels = torch.tensor(z), torch.tensor(labels)
+    return {"init_logp_step_auc": ranking_auc(z, labels),
+            "init_logp_step_balanced_accuracy_best": best_balanced_accuracy(z, labels)[0]}
+
+
+def ranking_auc(scores, labels):
+    """P(score of a random positive > score of a random negative), ties counting half (Mann-Whitney U /
+    (n_pos n_neg)); nan without both classes. scores (K,) float, labels (K,) bool."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    order = torch.cat([pos, neg]).double()
+    ranks = torch.empty_like(order)
+    sorted_vals, idx = order.sort()
+    ranks[idx] = torch.arange(1, len(order) + 1, dtype=torch.float64)
+    for v in sorted_vals.unique():  # tied values share their mean rank
+        tied = order == v
+        ranks[tied] = ranks[tied].mean()
+    return ((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))).item()
+
+
+def best_balanced_accuracy(scores, labels):
+    """The highest balanced accuracy of "positive iff score >= t" over every threshold t, and that t.
+    scores (K,) float, labels (K,) bool; (nan, nan) without both classes."""
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    s, order = scores.sort(descending=True)
+    lab = labels[order].double()
+    # t = s[k] calls the top k + 1 positive; only the last of a run of tied scores is a real choice
+    tpr, fpr = lab.cumsum(0) / n_pos, (1 - lab).cumsum(0) / n_neg  # (K,)
+    bal = (tpr + 1 - fpr) / 2
+    bal[:-1][s[1:] == s[:-1]] = 0.0
+    k = int(bal.argmax())
+    return bal[k].item(), s[k].item()
+
+
 def prm_batch(ctx, args, step):
-    """Fresh PRM training rows: sampled (or pretrain) completions, their step labels (--prm-labels) and the
-    step end positions, via prm_rows."""
-    task = ctx["task"]
-    if args.prm_data == "pretrain":
-        rows = [ctx["solutions"][i] for i in share(ctx["order"].take(args.batch_size * args.group_size))]
-        prompts, texts = [p for p, _ in rows], [t for _, t in rows]
-        verdicts = [task.verify(p, t) for p, t in rows]
-        roll = completion_rows(task.tok, prompts, [task.tok.completion_ids(t) for t in texts], args.device)
-    else:
+    """Fresh PRM training rows: sampled and/or pretrain completions (--prm-data), their step labels
+    (--prm-labels) and the step end positions, via prm_rows."""
+    task, tok = ctx["task"], ctx["task"].tok
+    prompts, texts, verdicts, completions = [], [], [], []
+    if args.prm_data in ("samples", "mixed"):
         # the frozen init writes the completions, not the PRM in training
         prompts, texts, verdicts, roll = sample_groups(ctx, args, ctx["sampler"])
+        lengths = roll["completion_mask"].sum(1).tolist()
+        completions = [c[:m] for c, m in zip(roll["completion_ids"].tolist(), lengths)]
+    if args.prm_data in ("pretrain", "mixed"):
+        rows = [ctx["solutions"][i] for i in share(ctx["solution_order"].take(args.batch_size * args.group_size))]
+        prompts += [p for p, _ in rows]
+        texts += [t for _, t in rows]
+        verdicts += [task.verify(p, t) for p, t in rows]
+        completions += [tok.completion_ids(t) for _, t in rows]
+    roll = completion_rows(tok, prompts, completions, args.device)
     if args.prm_labels == "mc":
         labels = mc_step_labels(prompts, texts, verdicts, lambda p, c: sample_continuations(ctx, args, p, c),
                                 args.mc_rollouts)
+        batch = prm_rows(roll, verdicts, labels)
+    elif args.prm_tokens:
+        batch = prm_token_rows(roll, prompts, texts, verdicts)
     else:
-        labels = [v.step_labels for v in verdicts]
-    batch = prm_rows(roll, verdicts, labels)
+        batch = prm_rows(roll, verdicts, [v.step_labels for v in verdicts])
     step_mask = batch["step_mask"].float()  # (B, S)
     stats = {"outcome": sum(v.correct for v in verdicts) / len(verdicts),
              "steps": step_mask.sum(1).mean().item(),
@@ -1815,6 +1920,28 @@ def prm_rows(roll, verdicts, labels, close=None):
     out = {k: roll[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
     out.update(step_ends=ends, step_labels=step_labels, step_mask=step_mask,
                w=step_mask.sum(1))  # w: prm_loss is a mean over steps, so a row weighs its number of steps
+    return out
+
+
+def prm_token_rows(roll, prompts, texts, verdicts):
+    """prm_rows with a label at every token of every step (--prm-tokens), not only at its ';': 1 while the
+    step still reads as the right one, 0 from its first wrong token on (data.task.token_labels), so each ';'
+    keeps its step label and the answer step (at the EOS) its outcome. The same keys as prm_rows: step_ends
+    (B, S) then indexes every labelled token."""
+    rows, ends = [], []
+    for b, (p, t, v) in enumerate(zip(prompts, texts, verdicts)):
+        labels = arith.token_labels(p, t)  # one per character up to the last ';' (= one per token)
+        finished = bool(roll["finished"][b])
+        eos = [int(roll["completion_mask"][b].sum()) - 1] * finished  # the answer step, at the EOS
+        ends.append(list(range(len(labels))) + eos)
+        rows.append(labels + [int(v.correct)] * finished)
+    empty = [[0]]  # the dummy row makes S >= 1
+    out = {k: roll[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+    device = roll["completion_ids"].device
+    step_mask = pad_right([[1] * len(r) for r in rows] + empty, 0)[:-1].to(device)  # (B, S)
+    out.update(step_ends=pad_right(ends + empty, 0)[:-1].to(device),
+               step_labels=pad_right(rows + empty, 0)[:-1].float().to(device), step_mask=step_mask,
+               w=step_mask.sum(1))
     return out
 
 
@@ -1866,6 +1993,10 @@ def prm_evaluate(ctx, args):
 
     prm_step_base_rate is the fraction of right steps: always answering "right" scores max(base, 1 - base),
     and balanced accuracy (mean of the accuracies on right and on wrong steps) is 0.5 for any constant guess.
+    step_auc (the chance that a right step outscores a wrong one) and step_balanced_accuracy_best (at the best
+    threshold, chosen on these same steps, so optimistic) say how well the PRM ranks steps, whatever its
+    calibration. init_logp_*: the same two for a score that needs no training, the init policy's smallest
+    log-prob of a token within the step (with --prm-data samples: how sure the policy was of what it wrote).
     """
     batch = ctx["heldout"]
     if batch is None:
@@ -1881,9 +2012,13 @@ def prm_evaluate(ctx, args):
         return (pred[sel] == label[sel]).float().mean().item() if bool(sel.any()) else float("nan")
 
     step = ~answer
-    out = {"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
+    z = logits[valid][step]  # (K',) the scores of the ';' steps
+    best, _ = best_balanced_accuracy(z, label[step])
+    out = {"step_auc": ranking_auc(z, label[step]), "step_balanced_accuracy_best": best}
+    out.update(ctx.get("heldout_init_logp", {}))  # the init policy's own confidence, the yardstick
+    out.update({"prm_step_acc": acc(step), "prm_step_balanced_acc": (acc(step & label) + acc(step & ~label)) / 2,
            "prm_step_base_rate": label[step].float().mean().item(), "prm_answer_acc": acc(answer),
-           "prm_step_recall_wrong": acc(step & ~label)}
+           "prm_step_recall_wrong": acc(step & ~label)})
     # the same numbers under the names of eval.json's "after" (the prm_ ones are kept for older scripts)
     out.update(step_accuracy=out["prm_step_acc"], step_balanced_accuracy=out["prm_step_balanced_acc"],
                step_base_rate=out["prm_step_base_rate"])
@@ -2034,8 +2169,9 @@ def run_eval(user_args, name):
     against the base and against the row above (in a pipeline, the previous stage); KL(base || checkpoint)
     estimated on the base's samples; the checkpoint's mean token entropy on its own samples. Prints a table
     and writes OUT_DIR/eval.json (or --eval-out). Scorers (reward models) are skipped: they generate nothing.
-    Cost at the defaults (2 splits x 500 problems x 17 completions): about 3 minutes per 0.74M-parameter
-    checkpoint on one CPU thread.
+    Cost at the defaults (2 splits x 500 problems x 17 completions): about a minute per 0.74M-parameter
+    checkpoint on 2 CPU threads. Rows of one prompt length are sampled together (solve's by_length), and a
+    checkpoint's own log-probs and entropies come from the sampler; only the base's samples are scored again.
 
     Differs from the papers:
         1. "Gained / lost" asks the survey's support-expansion question the way Yue et al. 2025 (arXiv
@@ -2099,7 +2235,12 @@ def eval_checkpoints(args, folders, base):
         rec = {"name": name, "path": folder, "params": model.num_params()}
         for split, rows in problems.items():
             out, samples = eval_split(model, task, rows, args)
-            if not results:  # this is the base: keep its samples, KL from it is measured on them
+            if not results:
+                # this is the base: keep its samples, KL from it is measured on them, with its log-probs from
+                # the same forward every other checkpoint scores them with (the sampler's differ by float
+                # error), so that a copy of the base is at KL exactly 0
+                samples["seq_logps"] = score_samples(model, task.tok, samples["prompts"], samples["completions"],
+                                                     args)[0]  # (P*n,)
                 base_samples[split] = samples
             ref = base_samples[split]
             if results:
@@ -2122,18 +2263,25 @@ def eval_checkpoints(args, folders, base):
             "problems": {s: len(r) for s, r in problems.items()}, "checkpoints": results}
 
 
+EVAL_BATCH_ROWS = 1024  # rows the eval stage samples at once: a decode step's cost is mostly per step, not per row
+
+
 def eval_split(model, task, problems, args):
     """One model on one split: greedy, n samples per problem, pass@k, token entropy on its own samples.
 
     Returns (results, samples): samples = {"prompts", "completions", "seq_logps"}, for KL from this model.
     """
     prompts, n = [r["prompt"] for r in problems], args.eval_n
-    greedy = solve(model, task, prompts, 1, 0.0, args, seed=0)[0]  # (P, 1)
+    fast = dict(batch_rows=EVAL_BATCH_ROWS, by_length=True)
+    greedy = solve(model, task, prompts, 1, 0.0, args, seed=0, **fast)[0]  # (P, 1)
     # every model samples with the same seed (common random numbers): differences between models then reflect
-    # the models more than the luck of the draw
-    correct, _, completions = solve(model, task, prompts, n, 1.0, args, seed=0)  # (P, n), P * n id lists
+    # the models more than the luck of the draw. The sampler's own log-probs and entropies are those of the
+    # temperature-1 distribution, what a second forward over the samples would compute (to float error).
+    scores = {}
+    correct, _, completions = solve(model, task, prompts, n, 1.0, args, seed=0, scores=scores,
+                                    **fast)  # (P, n), P * n id lists
     rows = [p for p in prompts for _ in range(n)]  # the prompt of each sample, in solve's order
-    seq_logps, entropy, n_tokens = score_samples(model, task.tok, rows, completions, args)  # 3 x (P * n,)
+    seq_logps, entropy, n_tokens = scores["seq_logps"], scores["entropy"], scores["n_tokens"]  # 3 x (P * n,)
     counts = correct.sum(1).tolist()  # per problem: correct samples out of n
     ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})  # 1, 2, 4, ..., n
     out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
@@ -2161,21 +2309,22 @@ def pass_at_k(n, c, k):
 @torch.no_grad()
 def score_samples(model, tok, prompts, completions, args, batch_rows=256):
     """Summed log-probs (B,), summed token entropies (B,) and token counts (B,) of given completions (B
-    token-id lists, one per prompt) under model, of logits / args.temperature (the eval sets it to 1)."""
-    seq_logps, entropy, n_tokens = [], [], []
-    for i in range(0, len(prompts), batch_rows):
-        chunk = completions[i:i + batch_rows]
-        ids, mask = rollout.left_pad(tok.prompts_ids(prompts[i:i + batch_rows]), tok.pad_id,
-                                     args.device)  # (b, P) left padded, as the sampler had them
+    token-id lists, one per prompt) under model, of logits / args.temperature (the eval sets it to 1).
+    Rows of one prompt length are scored together (row_batches), so no batch pads its prompts."""
+    prompt_ids = tok.prompts_ids(prompts)
+    seq_logps, entropy, n_tokens = torch.zeros(len(prompts)), torch.zeros(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)
+    for idx in row_batches(len(prompts), batch_rows, [len(p) for p in prompt_ids]):
+        chunk = [completions[i] for i in idx]
+        ids, mask = rollout.left_pad([prompt_ids[i] for i in idx], tok.pad_id, args.device)  # (b, P)
         mb = {"prompt_ids": ids, "prompt_mask": mask,
               "completion_ids": pad_right(chunk, tok.pad_id).to(args.device),  # (b, N)
               "completion_mask": pad_right([[1] * len(c) for c in chunk], 0).to(args.device)}  # (b, N)
         logps, ent = completion_forward(model, mb, args)  # (b, N) each
         real = mb["completion_mask"] == 1  # (b, N)
-        seq_logps.append(logps.masked_fill(~real, 0.0).sum(1).cpu())
-        entropy.append(ent.masked_fill(~real, 0.0).sum(1).cpu())
-        n_tokens.append(real.sum(1).cpu())
-    return torch.cat(seq_logps), torch.cat(entropy), torch.cat(n_tokens)
+        seq_logps[idx] = logps.masked_fill(~real, 0.0).sum(1).cpu()
+        entropy[idx] = ent.masked_fill(~real, 0.0).sum(1).cpu()
+        n_tokens[idx] = real.sum(1).cpu()
+    return seq_logps, entropy, n_tokens
 
 
 def kl_estimate(p_seq_logps, q_seq_logps):
@@ -2789,7 +2938,7 @@ def stage_files(name, args):
     pairs = prompts if args.pairs == "self" else ["pairs"]
     files = {"pretrain": ["pretrain"], "pretrain-small": ["pretrain"], "sft": ["sft"], "rft": ["rl"],
              "dpo": pairs, "rm": pairs, "grpo": ["rl"], "ppo": ["rl"], "distill": prompts,
-             "prm": ["rl"] + (["pretrain"] if args.prm_data == "pretrain" else []),
+             "prm": ["rl"] + (["pretrain"] if args.prm_data in ("pretrain", "mixed") else []),
              "eval": [s for s in EVAL_SPLITS if s == "test" or os.path.exists(
                  os.path.join(args.data_dir, s + ".jsonl"))]}[name]
     return files + ([args.eval_split] if args.eval_problems > 0 and name != "eval" else [])

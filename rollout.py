@@ -46,6 +46,7 @@ class Samples:
     completion_mask: torch.Tensor  # (B, N) 1 on generated tokens up to and including EOS
     logps: torch.Tensor  # (B, N) fp32 log-prob of each token under logits/temperature; 0 where mask is 0
     finished: torch.Tensor  # (B,) bool: the row emitted an EOS id; False = cut off at the length limit
+    entropy: torch.Tensor | None = None  # (B, N) entropy of logits/temperature at each token (return_entropy)
 
 
 def left_pad(prompts, pad_id, device=None):
@@ -73,7 +74,7 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 @torch.inference_mode()
 def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-           generator=None, pad_id=0, noise_rows=None, stop_all=None):
+           generator=None, pad_id=0, noise_rows=None, stop_all=None, return_entropy=False):
     """Sample completions for a batch of prompts with a KV cache.
 
     Args:
@@ -91,6 +92,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
             each row gets exactly the sample it would get in one process sampling the whole batch.
         stop_all: done (B,) -> whether to stop early; with several processes, whether every process's rows
             are done (the loop must run as long as one process sampling everything would). Default: done.all().
+        return_entropy: also the entropy of each step's distribution (logits/temperature, untruncated), as
+            completion_logps(return_entropy=True) would compute it in a forward over the samples.
 
     Returns Samples. N is the longest completion in the batch (<= max_new_tokens): columns in which every row
     had already finished are dropped. logps are of logits/temperature without top-k/top-p; with temperature 0
@@ -124,7 +127,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
     # per-step results go into lists and are stacked once at the end: fewer kernels in the loop than
     # writing into preallocated (B, N) tensors column by column
-    ids, logps, finished = [], [], []
+    ids, logps, finished, entropy = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
     for t in range(max_new_tokens):
         if temperature not in (0, 1):
@@ -144,6 +147,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
             next_id = (probs / noise).argmax(-1)  # (B,)
         ids.append(next_id)
         logps.append(gather_logprobs(logits, next_id))  # (B,) of the untruncated tempered distribution
+        if return_entropy:
+            entropy.append(entropy_from_logits(logits))  # (B,)
         finished.append(done)  # rows already finished before this token: they get pad, mask 0, logp 0
         if stop is not None:
             done = done | torch.isin(next_id, stop)  # (B,)
@@ -159,24 +164,26 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     N = int(completion_mask.sum(-1).max())  # drop trailing columns where every row had finished
     completion_ids = torch.stack(ids, dim=1).masked_fill(finished, pad_id)[:, :N]  # (B, N)
     logps = torch.stack(logps, dim=1).masked_fill(finished, 0.0)[:, :N]  # (B, N)
-    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps, done)
+    entropy = torch.stack(entropy, dim=1).masked_fill(finished, 0.0)[:, :N] if return_entropy else None  # (B, N)
+    return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps, done, entropy)
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, eos_id=None, generator=None, pad_id=0,
-             autocast=nullcontext, noise_rows=None, stop_all=None, max_prompt_len=None):
+             autocast=nullcontext, noise_rows=None, stop_all=None, max_prompt_len=None, return_entropy=False):
     """sample() as every stage calls it: the length budget clamped to the model's context, under autocast.
 
     max_new_tokens is cut to what fits after the longest prompt (config.max_seq_len), so a long prompt
     shortens the budget instead of failing. The returned tensors are ordinary ones, not inference-mode
     tensors (which a forward that autograd records may not save), ready to train on. The model's train / eval
     mode is left as the caller set it. noise_rows, stop_all: see sample; max_prompt_len: the longest prompt of
-    the whole batch when several processes share it (the budget must be the same for all).
+    the whole batch when several processes share it (the budget must be the same for all); return_entropy:
+    see sample.
     """
     max_new = min(max_new_tokens, model.config.max_seq_len - max(max(map(len, prompts)), max_prompt_len or 0))
     with autocast():
         s = sample(model, prompts, max_new, temperature=temperature, eos_id=eos_id, generator=generator,
-                   pad_id=pad_id, noise_rows=noise_rows, stop_all=stop_all)
-    return Samples(*(getattr(s, f.name).clone() for f in fields(s)))
+                   pad_id=pad_id, noise_rows=noise_rows, stop_all=stop_all, return_entropy=return_entropy)
+    return Samples(*(None if getattr(s, f.name) is None else getattr(s, f.name).clone() for f in fields(s)))
 
 
 def sequence(prompt_ids, prompt_mask, completion_ids, completion_mask):

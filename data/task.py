@@ -371,6 +371,36 @@ def verify(prompt, completion):
     return Verdict(answer == problem.answer, answer, labels, step_ends, first_error)
 
 
+def token_labels(prompt, completion):
+    """Per-character labels of a completion's steps: 1 while a step still reads as the right step written
+    so far, 0 from its first wrong character to its ';' (the local labels of verify, resolved to where the
+    mistake is). One label per character up to and including the last ';'; the ';' of step k gets exactly
+    verify's step_labels[k].
+
+    The right step k is "{left}{op}{b}={left op b};", with left the previous step's written result (step 0:
+    the prompt's first operand), op and b the prompt's (k+1)-th. "54-4=51;" for "54-4=50;" is 1 up to
+    "54-4=5" and 0 at "1" and ";"; an extra step past the last operation is 0 from its first character, and
+    so is every step after one that was malformed (nothing is written to continue from)."""
+    v = verify(prompt, completion)
+    problem = parse_prompt(prompt)
+    labels, start, left = [], 0, problem.operands[0]
+    for k, (end, label) in enumerate(zip(v.step_ends, v.step_labels)):
+        written = completion[start:end + 1]
+        m = _STEP_RE.fullmatch(completion, start, end)
+        if label:
+            labels += [1] * len(written)  # right (possibly with leading zeros the string check would flag)
+        elif left is None or k >= len(problem.ops):
+            labels += [0] * len(written)
+        else:
+            want = f"{left}{problem.ops[k]}{problem.operands[k + 1]}={_apply(left, problem.ops[k], problem.operands[k + 1])};"
+            first = next((i for i, (a, b) in enumerate(zip(written, want)) if a != b), min(len(written), len(want)))
+            first = min(first, len(written) - 1)  # the ';' of a wrong step is always 0
+            labels += [1] * first + [0] * (len(written) - first)
+        left = int(m[4]) if m else None
+        start = end + 1
+    return labels
+
+
 # -----------------------------------------------------------------------------------------------------------
 # JSONL
 

@@ -106,6 +106,40 @@ def test_verify_never_crashes_on_random_strings():
         assert v.correct == (v.answer == 71)
 
 
+# token labels: where in a wrong step the mistake is
+
+
+@pytest.mark.parametrize("completion, labels", [
+    (RIGHT, "11111111" "1" "11111111" "1" "1111111" "1"),
+    ("37+48=86;86-19=67;67+5=72;#72", "1111111" "00" "111111111" "11111111"),  # "86": wrong at the 6
+    ("37+48=85;85-19=66;#66", "111111111" "111111111"),  # a skipped step is not a wrong one (verify agrees)
+    ("37+48=85;58-19=39;39+5=44;#44", "111111111" "000000000" "11111111"),  # a copy error from the first digit
+    ("37+48=85;85-9=76;76+5=81;#81", "111111111" "11100000" "11111111"),  # "-9" for "-19": wrong at the 9
+    ("37+48=8;8-19=", "11111110"),  # "8;" for "85;": wrong at the ';', and nothing after the last ';'
+    ("37+48=85;85-19=66;66+5=71;71+0=71;#71", "111111111" "111111111" "11111111" "00000000"),  # extra step
+    ("37+48=85;;85-19=66;#66", "111111111" "0" "000000000"),  # malformed: nothing to continue from after it
+])
+def test_token_labels_mark_a_step_wrong_from_its_first_wrong_character(completion, labels):
+    got = task.token_labels(PROMPT, completion)
+    assert "".join(map(str, got)) == labels
+    v = task.verify(PROMPT, completion)
+    assert [got[end] for end in v.step_ends] == v.step_labels  # every ';' carries verify's step label
+
+
+def test_token_labels_agree_with_verify_on_random_mistakes():
+    rng = random.Random(0)
+    for _ in range(300):
+        problem = task.make_problem(rng, rng.randint(2, 6), 99)
+        text = task.solution(problem, rng, error_rate=0.7)
+        got, v = task.token_labels(problem.prompt, text), task.verify(problem.prompt, text)
+        assert len(got) == (v.step_ends[-1] + 1 if v.step_ends else 0)
+        assert [got[end] for end in v.step_ends] == v.step_labels
+        # within a step the labels never go back from 0 to 1
+        for start, end in zip([0] + [e + 1 for e in v.step_ends], v.step_ends):
+            step = got[start:end + 1]
+            assert step == sorted(step, reverse=True)
+
+
 @pytest.mark.parametrize("prompt", ["37+48", "37+48-=", "037+48=", "37*48=", ""])
 def test_verify_rejects_a_bad_prompt(prompt):
     with pytest.raises(ValueError):

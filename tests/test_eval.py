@@ -155,3 +155,26 @@ def test_seed_summary_carries_scorer_checks_and_the_last_steps_signals():
     assert out["last_steps"]["reward"]["per_seed"] == [0.5, 0.5] and out["last_steps"]["cut_off"]["mean"] == 0.1
     table = seeds.signals_table({"prm": {"result": out}}, ["prm"])
     assert "`step_balanced_accuracy`" in table and "0.85 ± 0.071" in table
+
+
+def test_eval_batches_by_prompt_length_in_the_usual_order_with_the_sampler_s_scores(tmp_path):
+    """solve(by_length=True) regroups rows by prompt length and hands them back in the usual order: greedy
+    (deterministic) completions are those of consecutive batches, and the sampler's summed log-probs and
+    entropies are what a forward over the samples computes."""
+    model = posttrain.load_model(tiny_checkpoint(tmp_path / "m", seed=1, head_scale=3.0), "cpu").eval()
+    args = posttrain.stage_args(posttrain.get_args(["--stage", "eval", "--max-new-tokens", "10"]), "eval")
+    t = posttrain.Task("arith", task.DATA_DIR, posttrain.Tokenizer(task.DATA_DIR))
+    prompts = [r["prompt"] for r in t.rows("test")[:12]]
+    assert len({len(p) for p in prompts}) > 2  # several lengths, so regrouping changes the batches
+    plain = posttrain.solve(model, t, prompts, 1, 0.0, args, seed=0, batch_rows=5)
+    grouped = posttrain.solve(model, t, prompts, 1, 0.0, args, seed=0, batch_rows=5, by_length=True)
+    assert grouped[2] == plain[2] and grouped[1] == plain[1] and torch.equal(grouped[0], plain[0])
+    scores = {}
+    _, _, completions = posttrain.solve(model, t, prompts, 3, 1.0, args, seed=0, batch_rows=4, by_length=True,
+                                        scores=scores)
+    rows = [p for p in prompts for _ in range(3)]
+    logps, entropy, n_tokens = posttrain.score_samples(model, t.tok, rows, completions, args)
+    assert n_tokens.tolist() == scores["n_tokens"].tolist() == [len(c) for c in completions]
+    assert (scores["seq_logps"] - logps).abs().max() <= 1e-4
+    assert (scores["entropy"] - entropy).abs().max() <= 1e-4
+    assert logps.abs().min() > 0  # the check above can fail: random weights give every token a real cost

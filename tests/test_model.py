@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, decode_attention
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # written by tests/make_hf_fixtures.py
 TINY = dict(vocab_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, max_seq_len=64)
@@ -293,3 +293,21 @@ def test_chat_fixture_ids_match_tokenizers(name):
         assert tok.decode(e["ids"], skip_special_tokens=False) == e["text"]
     vocab = json.loads((FIXTURES / name / "config.json").read_text())["vocab_size"]
     assert vocab == tok.get_vocab_size() + (48 if name == "qwen2" else 0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa(masked):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 8)  # 2 query heads per kv
+    mask = None
+    if masked:
+        mask = torch.zeros(3, 1, 1, 7)
+        mask[1, ..., :3] = float("-inf")  # a left-padded row: its first 3 keys are padding
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = decode_attention(q, k, v, mask)
+    assert got.shape == (3, 4, 1, 8)
+    assert (got - want).abs().max() <= 1e-6
+    if masked:  # the padded keys get no weight: changing them changes nothing
+        k2, v2 = k.clone(), v.clone()
+        k2[1, :, :3], v2[1, :, :3] = 100.0, 100.0
+        assert (decode_attention(q, k2, v2, mask)[1] - got[1]).abs().max() <= 1e-6

@@ -209,3 +209,40 @@ def test_balanced_prm_loss_weighs_the_two_classes_half_each():
     prm_loss(z, labels, mask, balance=True).backward()
     assert z.grad[1, 2] == 0  # padding gets no gradient
     assert z.grad[0, 2].item() == pytest.approx(torch.sigmoid(torch.tensor(-0.5)).item() / 4, rel=1e-5)
+
+
+def test_prm_token_rows_label_every_step_token_and_agree_with_the_step_rows_at_each_step_end():
+    roll, verdicts = group_roll()
+    texts = [t for t, _ in GROUP]
+    rows = posttrain.prm_token_rows(roll, [PROMPT] * len(GROUP), texts, verdicts)
+    steps = posttrain.prm_rows(roll, verdicts, [v.step_labels for v in verdicts])
+    for b, (text, done) in enumerate(GROUP):
+        n = int(rows["step_mask"][b].sum())
+        ends, labels = rows["step_ends"][b, :n].tolist(), rows["step_labels"][b, :n].tolist()
+        # every character up to the last ';', then the EOS of a finished row
+        assert ends == list(range(text.rindex(";") + 1)) + [len(text)] * done
+        assert labels[:len(ends) - done] == task.token_labels(PROMPT, text)
+        # at every ';' and at the EOS the labels are the step rows' labels
+        k = int(steps["step_mask"][b].sum())
+        assert [labels[ends.index(e)] for e in steps["step_ends"][b, :k].tolist()] == steps["step_labels"][b, :k].tolist()
+    # the slip "15+3=19;" of row 1 is wrong from its "9" on, and so is its answer
+    slip = GROUP[1][0].index("19;") + 1
+    assert rows["step_labels"][1, slip - 1:slip + 2].tolist() == [1.0, 0.0, 0.0]
+    assert rows["step_labels"][1, int(rows["step_mask"][1].sum()) - 1] == 0.0
+    assert rows["w"].tolist() == rows["step_mask"].sum(1).tolist()
+
+
+def test_prm_tokens_is_refused_with_monte_carlo_labels(refused, tmp_path):
+    assert "--prm-tokens" in refused("--stage", "prm", "--prm-labels", "mc", "--prm-tokens",
+                                     "--out-dir", str(tmp_path / "out"))
+
+
+def test_ranking_auc_and_best_balanced_accuracy_by_hand():
+    z = torch.tensor([0.9, 0.8, 0.8, 0.3, 0.1])
+    right = torch.tensor([True, True, False, False, False])
+    # pairs (right, wrong): 0.9 beats all 3; 0.8 ties one 0.8 (a half) and beats 2 -> (3 + 2.5) / 6
+    assert posttrain.ranking_auc(z, right) == pytest.approx(5.5 / 6)
+    # t = 0.9: (1/2 + 1) / 2; t = 0.8: (1 + 2/3) / 2 (the tied wrong step comes along); t = 0.3: (1 + 1/3) / 2
+    assert posttrain.best_balanced_accuracy(z, right) == pytest.approx((5 / 6, 0.8))
+    assert posttrain.ranking_auc(-z, right) == pytest.approx(0.5 / 6)  # reversed scores: 1 - AUC
+    assert math.isnan(posttrain.ranking_auc(z, torch.ones(5, dtype=torch.bool)))
