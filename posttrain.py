@@ -827,13 +827,13 @@ def solve(model, task, prompts, n, temperature, args, seed, batch_rows=256, by_l
         t, verdicts, roll = sample_and_verify(model, task, [rows[i] for i in idx], args, temperature, gen,
                                               return_entropy=scores is not None)
         mask = roll["completion_mask"]  # (b, N)
-        lengths = mask.sum(1).tolist()
+        n_real = mask.sum(1).tolist()  # each completion's tokens, EOS included
         for j, (i, c) in enumerate(zip(idx, roll["completion_ids"].tolist())):
-            texts[i], correct[i], completions[i] = t[j], verdicts[j].correct, c[:lengths[j]]
+            texts[i], correct[i], completions[i] = t[j], verdicts[j].correct, c[:n_real[j]]
         if scores is not None:
             for j, (lp, ent) in enumerate(zip((roll["sampler_logps"] * mask).sum(1).tolist(),
                                               (roll["entropy"] * mask).sum(1).tolist())):
-                seq_logps[idx[j]], entropy[idx[j]], n_tokens[idx[j]] = lp, ent, lengths[j]
+                seq_logps[idx[j]], entropy[idx[j]], n_tokens[idx[j]] = lp, ent, n_real[j]
     if scores is not None:
         scores.update(seq_logps=torch.tensor(seq_logps), entropy=torch.tensor(entropy),
                       n_tokens=torch.tensor(n_tokens))
@@ -1916,10 +1916,20 @@ def prm_rows(roll, verdicts, labels, close=None):
         rows.append(list(lab) + [int(v.correct)] * finished)
         # ';' tokens before the EOS are exactly the ';' characters of the decoded text the verifier read
         assert len(rows[-1]) == int(step_mask[b].sum()), "step labels and step positions disagree"
-    step_labels = pad_right(rows + [[0] * ends.shape[1]], 0)[:-1].float().to(ends.device)  # (B, S)
+    return scored_rows(roll, [r[:len(lab)] for r, lab in zip(ends.tolist(), rows)], rows)
+
+
+def scored_rows(roll, positions, labels):
+    """PRM rows from per-row lists of scored completion positions and their 0/1 labels: step_ends,
+    step_labels and step_mask (B, S), padded on the right, with the rollout tensors and w, each row's
+    number of scored positions (prm_loss is a mean over them)."""
+    empty = [[0]]  # a dummy last row makes S >= 1
+    device = roll["completion_ids"].device
+    step_mask = pad_right([[1] * len(r) for r in labels] + empty, 0)[:-1].to(device)  # (B, S)
     out = {k: roll[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    out.update(step_ends=ends, step_labels=step_labels, step_mask=step_mask,
-               w=step_mask.sum(1))  # w: prm_loss is a mean over steps, so a row weighs its number of steps
+    out.update(step_ends=pad_right(positions + empty, 0)[:-1].to(device),
+               step_labels=pad_right(labels + empty, 0)[:-1].float().to(device), step_mask=step_mask,
+               w=step_mask.sum(1))
     return out
 
 
@@ -1935,14 +1945,7 @@ def prm_token_rows(roll, prompts, texts, verdicts):
         eos = [int(roll["completion_mask"][b].sum()) - 1] * finished  # the answer step, at the EOS
         ends.append(list(range(len(labels))) + eos)
         rows.append(labels + [int(v.correct)] * finished)
-    empty = [[0]]  # the dummy row makes S >= 1
-    out = {k: roll[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
-    device = roll["completion_ids"].device
-    step_mask = pad_right([[1] * len(r) for r in rows] + empty, 0)[:-1].to(device)  # (B, S)
-    out.update(step_ends=pad_right(ends + empty, 0)[:-1].to(device),
-               step_labels=pad_right(rows + empty, 0)[:-1].float().to(device), step_mask=step_mask,
-               w=step_mask.sum(1))
-    return out
+    return scored_rows(roll, ends, rows)
 
 
 @torch.no_grad()
