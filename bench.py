@@ -3,7 +3,8 @@ Speed figures for posttrain, one function per benchmark:
 
     python bench.py --what sampler     new tokens/s of rollout.sample at several batch sizes, side by side
                                        with HF transformers' generate on the same weights if it is installed
-    python bench.py --what grpo        one GRPO step (rollout, old/reference log-probs, update), by phase
+    python bench.py --what grpo        one GRPO step (rollout, old/reference log-probs, update), by phase, side
+                                       by side with TRL's GRPOTrainer at equal work if trl is installed
     python bench.py --what smollm2 --grpo-prompts 4 --group-size 4 --new-tokens 32
                                        the same on a random model of SmolLM2-135M's shape, with peak memory,
                                        and our sampler against transformers' generate on its weights
@@ -12,8 +13,9 @@ Speed figures for posttrain, one function per benchmark:
     python bench.py --what train       pretrain and sft optimizer steps: real tokens/s, GFLOP/s and the
                                        fraction of the fp32 GEMM peak measured in the same run (MFU)
 
-This script (only this one, besides the test-fixture script) imports transformers, and only if present; the
-program never needs it. Timings are wall-clock medians after a warm-up run, on the threads torch is given.
+This script (only this one, besides the test-fixture script) imports transformers (and trl), and only if
+present; the program never needs them. Timings are wall-clock medians after a warm-up run, on the threads
+torch is given.
 """
 
 import argparse
@@ -118,11 +120,13 @@ def bench_grpo(args):
         argv = ["--stage", "grpo", "--init", args.init or tmp, "--device", args.device, "--batch-size",
                 str(args.grpo_prompts), "--group-size", str(args.group_size), "--kl-coef", "0.04"]
         pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
-    grpo_step_report(pargs, ctx, args.reps)
+        _, total = grpo_step_report(pargs, ctx, args.reps)
+        trl_grpo_report(pargs, ctx, args.init or tmp, args.reps, total)  # TRL reads the same folder
 
 
 def grpo_step_report(pargs, ctx, reps):
-    """Time the phases of reps GRPO steps (after a warm-up step) and print their medians."""
+    """Time the phases of reps GRPO steps (after a warm-up step) and print their medians -> (the last
+    rollout, the total: the sum of the phases' medians, in seconds)."""
     import posttrain
     policy = ctx["policy"]
     params = list(policy.parameters())
@@ -160,7 +164,90 @@ def grpo_step_report(pargs, ctx, reps):
     for key, v in phases.items():
         print(f"  {key:10s} {statistics.median(v):7.3f} s  ({100 * statistics.median(v) / total:4.1f}%)")
     print(f"  {'total':10s} {total:7.3f} s")
-    return roll
+    return roll, total
+
+
+def trl_grpo_report(pargs, ctx, folder, reps, ours):
+    """TRL's GRPOTrainer on the GRPO step grpo_step_report times, printed against `ours` (that total, s/step).
+
+    Equal work, as far as TRL allows: the weights of `folder` (the policy's init; TRL loads its reference
+    from it too), posttrain's prompts in sample_groups' order with the same token ids (checked), group_size
+    completions each at the same temperature and length limit, no top-k / top-p, posttrain's verifier as the
+    reward, and the same update: ppo_epochs passes over the batch (num_iterations), one AdamW step each, in
+    micro-batches of --micro-batch-size rows (TRL's gradient accumulation over slices of one generation), old
+    and reference log-probs in the same chunks, k3 KL at --kl-coef, clip 0.2, token-mean loss ("dapo"), fp32,
+    CPU, no gradient checkpointing. Not equal: TRL samples with transformers' generate; its Trainer computes
+    the gradient norm every step (for its log; max_grad_norm=0 skips only the clipping, and the bench's own
+    step neither clips nor takes the norm); it turns rewards into advantages (the bench draws random ones);
+    its random streams differ, so the completions' lengths do too (both are printed). One GRPO step of TRL
+    is one generation and its num_iterations optimizer steps: the time between the ends of every
+    num_iterations-th optimizer step (a callback), median over reps after a warm-up step; posttrain's figure
+    is the sum of its phases' medians.
+    """
+    try:
+        import datasets
+        import trl
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    except ImportError:
+        print("trl not installed: no TRL GRPOTrainer comparison")
+        return
+    if pargs.device != "cpu":
+        print("TRL GRPOTrainer comparison: CPU only")
+        return
+    import posttrain
+    task_, tok, K = ctx["task"], ctx["task"].tok, pargs.ppo_epochs
+    rows = pargs.batch_size * pargs.group_size
+    # TRL's accumulation needs equal slices: a micro-batch size that does not divide the batch becomes one slice
+    mb = pargs.micro_batch_size if rows % pargs.micro_batch_size == 0 else rows
+
+    def token(i):
+        return None if i is None else tok.tok.id_to_token(i)
+
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=tok.path, bos_token=token(tok.bos_id),
+                                     eos_token=token(tok.eos_id), pad_token=token(tok.pad_id),
+                                     add_bos_token=tok.add_bos)
+    hf_tok.chat_template = tok.chat_template if tok.use_chat else None
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    policy.generation_config.eos_token_id = tok.stop_ids  # TRL stops, and masks after, at each of ours
+    # the prompts sample_groups drew, in its order: a fresh Shuffler of the same seed, warm-up step + reps
+    order = posttrain.Shuffler(len(ctx["prompts"]), pargs.seed)
+    problems = [ctx["prompts"][i] for _ in range(reps + 1) for i in order.take(pargs.batch_size)]
+    shown = [[{"role": "user", "content": p}] if tok.use_chat else tok.render(p) for p in problems]
+    data = datasets.Dataset.from_dict({"prompt": shown, "problem": problems})  # TRL passes "problem" on
+    lengths, stamps = [], []  # mean completion length of each generation; the end of each optimizer step
+
+    def verifier(prompts, completions, completion_ids, problem, **_):
+        # posttrain's decoding and verdict, with its cut-off rule: a completion without a stop id is wrong
+        lengths.append(statistics.mean(len(ids) for ids in completion_ids))  # EOS counted, as in ours
+        return [float(task_.verify(q, tok.decode(ids), bool(ids) and ids[-1] in tok.stop_ids).correct)
+                for q, ids in zip(problem, completion_ids)]
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        config = trl.GRPOConfig(
+            # TRL's defaults are bf16 and gradient checkpointing on (transformers 5 names it activation_...)
+            output_dir=out, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+            per_device_train_batch_size=mb, gradient_accumulation_steps=rows // mb,  # one generation of `rows`
+            num_generations=pargs.group_size, num_iterations=K, max_steps=K * (reps + 1),
+            max_completion_length=pargs.max_new_tokens, temperature=pargs.temperature, top_k=0, top_p=1.0,
+            beta=pargs.kl_coef, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+            optim="adamw_torch", learning_rate=1e-6, weight_decay=0.01, lr_scheduler_type="constant",
+            max_grad_norm=0.0, shuffle_dataset=False, seed=pargs.seed, report_to="none",
+            save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True)
+        trainer = trl.GRPOTrainer(model=policy, reward_funcs=verifier, args=config, train_dataset=data,
+                                  processing_class=hf_tok, callbacks=[Clock()])
+        theirs = list(trainer._tokenize_prompts(shown[:1])[0][0])  # what TRL feeds generate for one prompt
+        if theirs != tok.prompt_ids(problems[0]):
+            raise ValueError(f"TRL's prompt ids {theirs} differ from posttrain's {tok.prompt_ids(problems[0])}")
+        trainer.train()
+    steps = [stamps[j + K] - stamps[j] for j in range(K - 1, len(stamps) - K, K)]  # (reps,), warm-up dropped
+    secs = statistics.median(steps)
+    print(f"TRL {trl.__version__} GRPOTrainer, the same step: mean length {statistics.mean(lengths[1:]):.1f} "
+          f"tokens, micro-batches of {mb} rows, {torch.get_num_threads()} threads, median of {reps}")
+    print(f"  {'total':10s} {secs:7.3f} s  (TRL / posttrain: {secs / ours:.2f}x)")
 
 
 SMOLLM2_135M = GPTConfig(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
@@ -196,7 +283,7 @@ def bench_smollm2(args):
         pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
     print(f"SmolLM2-135M shape: {ctx['policy'].num_params() / 1e6:.1f}M parameters, {args.device}")
     before = peak_memory_gb(args.device)
-    roll = grpo_step_report(pargs, ctx, args.reps)
+    roll, _ = grpo_step_report(pargs, ctx, args.reps)
     print(f"  peak memory {peak_memory_gb(args.device):.2f} GB (after loading the models: {before:.2f} GB)")
     # the sampler alone, against transformers' generate on the same weights and the same left-padded prompts
     hf = load_hf(ctx["policy"].cpu()) if args.device == "cpu" else None

@@ -182,6 +182,7 @@ class KVCache:
 # the model
 
 
+SCORE_FROM = ("hidden", "token_logodds")  # what a score head can read (GPTConfig.score_from)
 # the HF class of each model_type; save_pretrained picks qwen3 by qk_norm, qwen2 by qkv_bias
 ARCHITECTURES = dict(llama="LlamaForCausalLM", qwen2="Qwen2ForCausalLM", qwen3="Qwen3ForCausalLM")
 
@@ -202,6 +203,10 @@ class GPTConfig:
     head_dim: int | None = None  # None = n_embd // n_head; Qwen3's differs (0.6B: 1024 / 16 heads, 128)
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     score_head: bool = False  # scalar head for value / reward / process-reward models
+    # what the score head reads: "hidden" = the final hidden state (Linear(n_embd, 1)); "token_logodds" = one
+    # number per token that the caller computes from the LM head (Linear(1, 1): a scale and a bias), the
+    # log-odds PRM of posttrain's prm stage
+    score_from: str = "hidden"
 
     def __post_init__(self):
         # resolved here, so every user reads one int and a config equals its save / load round trip
@@ -227,7 +232,7 @@ class GPT(nn.Module):
             # one Parameter under two names: a gradient from either use lands in the same tensor
             self.lm_head.weight = self.model.embed_tokens.weight
         if config.score_head:
-            self.score = nn.Linear(config.n_embd, 1)
+            self.score = nn.Linear(config.n_embd if config.score_from == "hidden" else 1, 1)
         # RoPE tables for every position, computed once; non-persistent so they never enter a checkpoint
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs)
@@ -356,6 +361,8 @@ class GPT(nn.Module):
             hf.update(mlp_bias=False)
         if c.score_head:
             hf["score_head"] = True
+            if c.score_from != "hidden":
+                hf["score_from"] = c.score_from
         if tokenizer_path is not None:
             tok_text = Path(tokenizer_path).read_text()
             # special token ids, if the tokenizer has tokens of those names, so HF generate knows them too
@@ -410,6 +417,9 @@ class GPT(nn.Module):
         for what, bad in unsupported:
             if bad:
                 raise ValueError(f"{config_file}: unsupported {what} setting")
+        if hf.get("score_from", "hidden") not in SCORE_FROM:
+            raise ValueError(f"{config_file}: score_from is {hf['score_from']!r}, expected one of "
+                             f"{', '.join(SCORE_FROM)}")
         config = GPTConfig(
             vocab_size=hf["vocab_size"],
             n_layer=hf["num_hidden_layers"],
@@ -425,6 +435,7 @@ class GPT(nn.Module):
             head_dim=head_dim,
             tie_embeddings=hf.get("tie_word_embeddings", False),
             score_head=hf.get("score_head", False) if score_head is None else score_head,
+            score_from=hf.get("score_from", "hidden"),
         )
         if check_only:
             with torch.device("meta"):  # shapes only, no memory

@@ -54,6 +54,10 @@ VARIANTS = [
     ("grpo-prm-combined", "grpo", "--reward prm --process-coef 1", ["prm:prm"]),
     ("grpo-steps-combined", "grpo", "--reward steps --process-coef 1", []),
     ("grpo-prm", "grpo", "--reward prm", ["prm:prm"]),
+    # the PRM of earlier versions, a linear head on the hidden state, and the same two grpo runs with it
+    ("prm-hidden", "prm", "--prm-score hidden", []),
+    ("grpo-prm-hidden", "grpo", "--reward prm", ["prm:prm-hidden"]),
+    ("grpo-prm-combined-hidden", "grpo", "--reward prm --process-coef 1", ["prm:prm-hidden"]),
     ("grpo-bf16", "grpo", "--dtype bf16", []),
     ("grpo-bf16-tis", "grpo", "--dtype bf16 --tis-cap 2", []),
 ]

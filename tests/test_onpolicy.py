@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -376,3 +377,19 @@ def test_stage_runs_end_to_end(out_dir, stage, extra):
     if stage in ("grpo", "ppo"):
         rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
         assert all(0 <= r["cut_off"] <= 1 for r in rows)  # a reward-hacking signal, logged every step
+
+
+@pytest.mark.parametrize("score", ["hidden", "logodds"])
+def test_both_kinds_of_prm_train_and_reward_grpo(out_dir, tmp_path, score):
+    """A PRM of either --prm-score from the shared sft, then grpo --reward prm with it as its scorer."""
+    if not (out_dir / "sft").is_dir():  # run alone (-k): build the shared chain first
+        posttrain.main(["--stage", "sft", "--out-dir", str(out_dir), *E2E])
+    shutil.copytree(out_dir / "sft", tmp_path / "sft")  # the init both stages find in their --out-dir
+    run = ["--out-dir", str(tmp_path), *E2E]
+    posttrain.main(["--stage", "prm", "--prm-score", score, *run])
+    cfg = json.load(open(tmp_path / "prm" / "config.json"))
+    assert cfg.get("score_from", "hidden") == {"hidden": "hidden", "logodds": "token_logodds"}[score]
+    assert json.load(open(tmp_path / "prm" / "args.json"))["prm_score"] == score
+    posttrain.main(["--stage", "grpo", "--reward", "prm", *run])
+    rows = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert all(0 < r["prm_step_reward"] < 1 for r in rows)  # sigmoid of the PRM's logits, of either kind

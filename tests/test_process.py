@@ -4,6 +4,7 @@ group where a biased process reward would rank a cut-off completion above the ri
 loss. CPU, a few seconds.
 """
 
+import json
 import math
 
 import pytest
@@ -246,3 +247,94 @@ def test_ranking_auc_and_best_balanced_accuracy_by_hand():
     assert posttrain.best_balanced_accuracy(z, right) == pytest.approx((5 / 6, 0.8))
     assert posttrain.ranking_auc(-z, right) == pytest.approx(0.5 / 6)  # reversed scores: 1 - AUC
     assert math.isnan(posttrain.ranking_auc(z, torch.ones(5, dtype=torch.bool)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the log-odds PRM (--prm-score logodds): the step's least likely written token, scaled and shifted
+
+
+def test_token_logodds_is_log_p_over_one_minus_p_and_stays_finite_where_p_rounds_to_one():
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
+    p = logits.softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    assert torch.allclose(posttrain.token_logodds(logits, ids), (p / (1 - p)).log())
+    sure = torch.tensor([[[30.0, 0.0, 0.0]]])  # fp32 softmax gives p = 1 exactly: log(p / (1 - p)) = inf
+    assert sure.softmax(-1)[0, 0, 0] == 1.0
+    assert posttrain.token_logodds(sure, torch.tensor([[0]])).item() == pytest.approx(30 - math.log(2))
+
+
+def test_step_min_logodds_takes_the_minimum_within_each_step_and_over_the_whole_completion_at_eos():
+    # "12;3;#4" + EOS, and a shorter, padded row "5;#5" + EOS
+    ids = [TOK.completion_ids("12;3;#4"), TOK.completion_ids("5;#5")]
+    roll = posttrain.completion_rows(TOK, ["1+2="] * 2, ids, "cpu")
+    x = torch.tensor([[5.0, 0.5, 4.0, 6.0, 2.0, 7.0, 3.0, 8.0],
+                      [4.0, 9.0, 6.0, 5.0, 7.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    m = posttrain.step_min_logodds(x, roll["completion_ids"], roll["completion_mask"])
+    # step "12;": 5, then 0.5 twice; step "3;": 6, 2; the answer "#4": 7, 3; the EOS: 0.5, the whole row's least
+    assert m[0].tolist() == [5.0, 0.5, 0.5, 6.0, 2.0, 7.0, 3.0, 0.5]
+    assert m[1].tolist() == [4.0, 4.0, 6.0, 5.0, 4.0, 0.0, 0.0, 0.0]  # padding reads 0
+    m[0, 7].backward()
+    assert x.grad[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0] and x.grad[1].abs().sum() == 0
+
+
+def logodds_prm(a, b):
+    torch.manual_seed(0)
+    prm = GPT(GPTConfig(vocab_size=TOK.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+                        score_head=True, score_from="token_logodds"))
+    with torch.no_grad():
+        prm.score.weight.fill_(a), prm.score.bias.fill_(b)
+    return prm
+
+
+def test_logodds_prm_scores_each_step_by_its_least_likely_written_token():
+    roll, _ = group_roll()
+    prm = logodds_prm(2.0, -1.0)
+    scores = posttrain.completion_scores(prm, roll, args_for())  # (B, N)
+    # by hand: the forward's probability of each written completion token, then log p / (1 - p)
+    ids, attn = posttrain.rollout.sequence(roll["prompt_ids"], roll["prompt_mask"], roll["completion_ids"],
+                                           roll["completion_mask"])
+    P = roll["prompt_ids"].shape[1]
+    with torch.no_grad():
+        probs = prm(ids, attn_mask=attn)[:, P - 1:-1].double().softmax(-1)
+    p = probs.gather(-1, roll["completion_ids"][..., None]).squeeze(-1)
+    z = (p / (1 - p)).log()
+    for b, (text, done) in enumerate(GROUP):
+        start = 0
+        for end in [i for i, c in enumerate(text) if c == ";"]:
+            assert scores[b, end].item() == pytest.approx(2 * z[b, start:end + 1].min().item() - 1, abs=1e-4)
+            start = end + 1
+        if done:  # the answer step, at the EOS: the least likely token of the whole completion
+            assert scores[b, len(text)].item() == pytest.approx(2 * z[b, :len(text) + 1].min().item() - 1,
+                                                                abs=1e-4)
+    with pytest.raises(ValueError, match="log-odds"):
+        posttrain.completion_scores(prm, roll, args_for(), shift=True)  # no critic reading
+
+
+def test_fit_scale_bias_reaches_the_closed_form_of_a_saturated_logistic_regression():
+    # two values of the feature, both classes at each: the optimum puts sigmoid(a z + b) at the (class-weighted)
+    # fraction of right steps at each z. z = 0: 1 right, 6 wrong; z = 1: 3 right, 2 wrong.
+    z = torch.tensor([0.0] * 7 + [1.0] * 5, dtype=torch.float64)
+    y = torch.tensor([1.0] + [0.0] * 6 + [1.0] * 3 + [0.0] * 2, dtype=torch.float64)
+    # balanced: a right step weighs 1/8, a wrong one 1/16 -> 1/4 right at z = 0, 3/4 at z = 1
+    a, b = posttrain.fit_scale_bias(z, y, balance=True)  # prm_loss computes in fp32: 1e-3 is its precision here
+    assert (a, b) == pytest.approx((2 * math.log(3), -math.log(3)), abs=1e-3)
+    # plain mean: 1/7 right at z = 0, 3/5 at z = 1
+    a, b = posttrain.fit_scale_bias(z, y, balance=False)
+    assert b == pytest.approx(-math.log(6), abs=1e-3) and a + b == pytest.approx(math.log(1.5), abs=1e-3)
+    assert posttrain.fit_scale_bias(z, torch.ones(12, dtype=torch.float64), balance=True) == (1.0, 0.0)
+
+
+def test_a_logodds_prm_checkpoint_keeps_its_kind_scale_and_bias(tmp_path):
+    prm = logodds_prm(0.75, -3.5)
+    prm.save_pretrained(tmp_path / "prm")
+    cfg = json.loads((tmp_path / "prm" / "config.json").read_text())
+    assert cfg["score_head"] is True and cfg["score_from"] == "token_logodds"
+    back = GPT.from_pretrained(tmp_path / "prm")
+    assert back.config.score_from == "token_logodds" and back.score.weight.shape == (1, 1)
+    assert (back.score.weight.item(), back.score.bias.item()) == (0.75, -3.5)
+    GPT(GPTConfig(score_head=True)).save_pretrained(tmp_path / "plain")  # a hidden-state head: no new key
+    assert "score_from" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg["score_from"] = "entropy"
+    (tmp_path / "prm" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: score_from is 'entropy'"):
+        GPT.from_pretrained(tmp_path / "prm")
