@@ -38,6 +38,13 @@ COMPUTE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_produc
                "aten::_scaled_dot_product_cudnn_attention")
 
 
+def target(what, value, goal, unit="x"):
+    """One line of a speed target of the project against its measured value: met or not."""
+    shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
+    bar = f"{goal:.0%}" if unit == "%" else f"{goal:g}x"
+    print(f"  target {what}: {shown} (goal >= {bar}): {'met' if value >= goal else 'not met'}")
+
+
 def median_times(fns, reps):
     """Median wall-clock seconds of each fn() over reps rounds, after one warm-up call each. The fns take
     turns within a round, so a change in machine load (shared machines) hits them alike."""
@@ -83,6 +90,7 @@ def bench_sampler(args):
           f"{args.new_tokens} new tokens, temperature 1, {torch.get_num_threads()} threads, "
           f"median of {args.reps}")
     print(f"{'batch':>6} {'ours tok/s':>11} {'HF tok/s':>9} {'ours/HF':>8} {'matmul+attn share':>18}")
+    results = []  # (batch, ours / HF or None, matmul + attention share)
     for B in args.batch_sizes:
         gen = torch.Generator().manual_seed(0)
         prompt_ids = torch.randint(3, model.config.vocab_size, (B, args.prompt_len), generator=gen)  # (B, P)
@@ -103,6 +111,13 @@ def bench_sampler(args):
         else:
             theirs = f"{'-':>9} {'-':>8}"
         print(f"{B:>6} {tok_s['ours']:>11.0f} {theirs} {share:>17.0%}")
+        results.append((B, secs["hf"] / secs["ours"] if hf is not None else None, share))
+    for B, ratio, _ in results:
+        if ratio is not None:
+            target(f"sampler vs transformers' generate at batch {B}", ratio, 2.0)
+    for B, _, share in results:
+        if B == 64:
+            target("sampler's matmul + attention share of its time at batch 64", share, 0.6, "%")
 
 
 def bench_grpo(args):
@@ -248,6 +263,7 @@ def trl_grpo_report(pargs, ctx, folder, reps, ours):
     print(f"TRL {trl.__version__} GRPOTrainer, the same step: mean length {statistics.mean(lengths[1:]):.1f} "
           f"tokens, micro-batches of {mb} rows, {torch.get_num_threads()} threads, median of {reps}")
     print(f"  {'total':10s} {secs:7.3f} s  (TRL / posttrain: {secs / ours:.2f}x)")
+    target("GRPO step vs TRL's GRPOTrainer", secs / ours, 2.5)
 
 
 SMOLLM2_135M = GPTConfig(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
@@ -384,6 +400,7 @@ def bench_train(args):
         print(f"  {name:8s} batch {pargs.batch_size} x {T} tokens ({real} real): {secs * 1e3:6.1f} ms/step, "
               f"{real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = {flops / 1e9 / peak:4.0%} of the "
               f"{peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}")
+        target(f"{name} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
 
 
 BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2, "gemm": bench_gemm,
