@@ -1895,11 +1895,11 @@ def logodds_head(ctx, args, task, policy):
 
     The step logit is a * m + b, where m is the smallest log p / (1 - p) of a token written in the step. A
     Linear(1, 1) at --lr would take thousands of steps to travel from a = 1, b = 0 to where the classes part
-    (b came out between -5.0 and -2.7 for this task's sft policies), so a and b are first fitted to the init as it is: the class-balanced
-    cross-entropy (prm_loss, as the training loss weighs classes) of a * m + b on the step labels of
-    PRM_FIT_PROMPTS rl.jsonl prompts, --group-size completions each, sampled with the seed --seed + 1 (not the
-    training batches', and not held out), minimised by L-BFGS. Training then moves a, b and the whole
-    body. An init that already is a log-odds PRM keeps its a and b.
+    (b came out between -5.0 and -2.7 for this task's sft policies), so a and b are first fitted to the init
+    as it is: the class-balanced cross-entropy (prm_loss, as the training loss weighs classes) of a * m + b on
+    the step labels of PRM_FIT_PROMPTS rl.jsonl prompts, --group-size completions each, sampled with the seed
+    --seed + 1 (not the training batches', and not held out), minimised by L-BFGS. Training then moves a, b
+    and the whole body. An init that already is a log-odds PRM keeps its a and b.
     """
     if policy.config.score_from == "token_logodds":
         return
@@ -1916,7 +1916,7 @@ def logodds_head(ctx, args, task, policy):
     with torch.no_grad():
         policy.score.weight.fill_(a), policy.score.bias.fill_(b)
     print(f"[prm] log-odds head fitted on {len(z)} steps ({int((y < 0.5).sum())} wrong): "
-          f"logit = {a:.3f} * m + {b:.3f}")
+          f"logit = {a:.3f} m {'-' if b < 0 else '+'} {abs(b):.3f}")
 
 
 def fit_scale_bias(z, y, balance):
