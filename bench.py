@@ -322,11 +322,13 @@ def bench_smollm2(args):
 
 
 def model_shapes(config, rows):
-    """(M, K, N) of every matrix product in a forward of `rows` tokens through the model: q, k, v, o, the
-    SwiGLU's three and the LM head. The backward's products have the same three sizes, permuted."""
+    """(M, K, N) of every matrix product of one layer in a forward of `rows` tokens, each as often as it runs:
+    q, k, v, o, the SwiGLU's gate, up and down; then the LM head, which runs once per forward, not per layer.
+    The backward's products have the same three sizes, permuted."""
     q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
     D, I = config.n_embd, config.intermediate_size
-    return [(rows, D, q), (rows, D, kv), (rows, q, D), (rows, D, I), (rows, I, D), (rows, D, config.vocab_size)]
+    return [(rows, D, q), (rows, D, kv), (rows, D, kv), (rows, q, D), (rows, D, I), (rows, D, I), (rows, I, D),
+            (rows, D, config.vocab_size)]
 
 
 def gemm_peak(config, rows, reps, dtype=torch.float32):
@@ -358,9 +360,20 @@ def bench_gemm(args):
 def train_flops_per_token(config, seq_len):
     """Training FLOPs per token: 6 per matrix parameter (forward 2, backward 4), plus attention's
     12 * layers * width * context (Kaplan et al. 2020 / nanoGPT's estimate), width = heads x head size."""
-    matrix = sum(K * N for _, K, N in model_shapes(config, 1)) * config.n_layer \
-        - config.n_embd * config.vocab_size * (config.n_layer - 1)  # the LM head once, not per layer
+    *layer, head = model_shapes(config, 1)
+    matrix = sum(K * N for _, K, N in layer) * config.n_layer + head[1] * head[2]  # the LM head once
     return 6 * matrix + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+def mix_rate(config, rates):
+    """GFLOP/s of one forward's matrix products run one after the other at the measured rates {(M, K, N):
+    GFLOP/s}: their FLOPs over the sum of their times. The most a step made only of these products could
+    reach, below the peak when the model's shapes run slower than its best one."""
+    M = next(iter(rates))[0]
+    *layer, head = model_shapes(config, M)
+    shapes = layer * config.n_layer + [head]
+    flops = [2 * m * k * n for m, k, n in shapes]
+    return sum(flops) / sum(f / rates[shape] for f, shape in zip(flops, shapes))
 
 
 def bench_train(args):
@@ -396,10 +409,12 @@ def bench_train(args):
         T = statistics.median(b["ids"].shape[1] for b in batches)
         rows = int(statistics.median(b["ids"].numel() for b in batches))
         flops = train_flops_per_token(config, T) * real / secs
-        peak = max(gemm_peak(config, rows, args.reps).values())
+        rates = gemm_peak(config, rows, args.reps)
+        peak, mix = max(rates.values()), mix_rate(config, rates)
         print(f"  {name:8s} batch {pargs.batch_size} x {T} tokens ({real} real): {secs * 1e3:6.1f} ms/step, "
               f"{real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = {flops / 1e9 / peak:4.0%} of the "
-              f"{peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}")
+              f"{peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}; the model's own products in a row reach "
+              f"{mix:.0f} GFLOP/s ({mix / peak:.0%} of the peak)")
         target(f"{name} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
 
 
