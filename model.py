@@ -247,6 +247,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def new_score_head(self, score_from):
+        """Replace the score head (or add one) by a zero one that reads score_from (GPTConfig.score_from)."""
+        self.config.score_head, self.config.score_from = True, score_from
+        self.score = nn.Linear(self.config.n_embd if score_from == "hidden" else 1, 1).to(self.lm_head.weight)
+        nn.init.zeros_(self.score.weight), nn.init.zeros_(self.score.bias)
+
     def num_params(self):
         # parameters() yields a tied matrix once, so tied embeddings are counted once
         return sum(p.numel() for p in self.parameters())

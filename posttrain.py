@@ -899,7 +899,7 @@ def completion_scores(model, mb, args, shift=False):
                  PPO critic's V(s_t), aligned with the policy's log-probs exactly as in completion_forward().
 
     A log-odds PRM (config.score_from "token_logodds", prm --prm-score logodds) reads no hidden state: its
-    score at token t is a * m_t + b, where m_t = step_min_logodds of the written tokens' log-odds under the
+    score at token t is a * m_t + b, where m_t = step_minimum of the written tokens' log-odds under the
     model's own LM head, and a, b are the head's weight and bias.
     """
     if model.config.score_from == "token_logodds":
@@ -916,14 +916,14 @@ def completion_scores(model, mb, args, shift=False):
 
 
 def logodds_features(model, mb, args):
-    """m (B, N) of a log-odds PRM: step_min_logodds of the written tokens' log-odds under model's LM head
+    """m (B, N) of a log-odds PRM: step_minimum of the written tokens' log-odds under model's LM head
     (temperature 1: the model's own distribution, whatever the stage samples at)."""
     P = mb["prompt_ids"].shape[1]
     ids, attn = rollout.sequence(mb["prompt_ids"], mb["prompt_mask"], mb["completion_ids"],
                                  mb["completion_mask"])  # (B, P+N) each
     with args.amp():
         logits = model(ids, attn_mask=attn)[:, P - 1:-1].float()  # (B, N, V): the distribution of each token
-    return step_min_logodds(token_logodds(logits, mb["completion_ids"]), mb["completion_ids"],
+    return step_minimum(token_logodds(logits, mb["completion_ids"]), mb["completion_ids"],
                             mb["completion_mask"])
 
 
@@ -935,9 +935,9 @@ def token_logodds(logits, ids):
     return own - others
 
 
-def step_min_logodds(x, completion_ids, completion_mask):
-    """At each completion token, the smallest x (B, N) so far in its step, and at an EOS the smallest over the
-    whole completion. A step runs from the token after the previous ';' up to and including its own ';'; the
+def step_minimum(x, completion_ids, completion_mask):
+    """At each completion token, the smallest x (B, N) so far in its step (a token's log-odds for the log-odds
+    PRM, its log-prob for init_logp_check), and at an EOS the smallest over the whole completion. A step runs from the token after the previous ';' up to and including its own ';'; the
     answer step is labelled by the outcome, which any earlier step can spoil, hence its whole-completion
     minimum. Padding reads 0. -> (B, N)"""
     big = torch.finfo(x.dtype).max  # "nothing read yet"; finite, so no 0 * inf reaches the backward pass
@@ -1862,9 +1862,7 @@ def setup_prm(args, policy, task):
     if args.prm_score == "logodds":
         logodds_head(ctx, args, task, policy)
     elif policy.config.score_from != "hidden":  # a log-odds PRM as the init of a hidden-state one
-        policy.config.score_from = "hidden"
-        policy.score = torch.nn.Linear(policy.config.n_embd, 1).to(args.device)
-        torch.nn.init.zeros_(policy.score.weight), torch.nn.init.zeros_(policy.score.bias)
+        policy.new_score_head("hidden")
     return ctx
 
 
@@ -1903,8 +1901,7 @@ def logodds_head(ctx, args, task, policy):
     """
     if policy.config.score_from == "token_logodds":
         return
-    policy.config.score_from = "token_logodds"
-    policy.score = torch.nn.Linear(1, 1).to(args.device)
+    policy.new_score_head("token_logodds")
     prompts = random.Random(args.seed + 1).sample(rl_prompts(task), min(PRM_FIT_PROMPTS, len(rl_prompts(task))))
     rows = fixed_prm_rows(ctx, args, task, prompts, args.group_size, seed=args.seed + 1)
     with torch.no_grad():
@@ -1946,19 +1943,11 @@ def fit_scale_bias(z, y, balance):
 def init_logp_check(model, rows, args):
     """step_auc and step_balanced_accuracy_best of an untrained step score: model's smallest token log-prob
     within each ';' step of the held-out PRM rows (a step starts after the previous step's end)."""
-    logps = chunked_logps(model, rows, args)  # (B, N)
-    z, labels = [], []
-    for b in range(len(logps)):
-        start = 0
-        for end, label, real in zip(rows["step_ends"][b].tolist(), rows["step_labels"][b].tolist(),
-                                    rows["step_mask"][b].tolist()):
-            if real and rows["completion_ids"][b, end] == STEP_END:
-                z.append(logps[b, start:end + 1].min().item())
-                labels.append(bool(label))
-            start = end + 1
-    if not z:
+    m = step_minimum(chunked_logps(model, rows, args), rows["completion_ids"], rows["completion_mask"])  # (B, N)
+    semicolon = rows["step_mask"].bool() & (rows["completion_ids"].gather(1, rows["step_ends"]) == STEP_END)
+    z, labels = m.gather(1, rows["step_ends"])[semicolon], rows["step_labels"][semicolon].bool()  # (K,) each
+    if len(z) == 0:
         return {}
-    z, labels = torch.tensor(z), torch.tensor(labels)
     return {"init_logp_step_auc": ranking_auc(z, labels),
             "init_logp_step_balanced_accuracy_best": best_balanced_accuracy(z, labels)[0]}
 

@@ -263,13 +263,13 @@ def test_token_logodds_is_log_p_over_one_minus_p_and_stays_finite_where_p_rounds
     assert posttrain.token_logodds(sure, torch.tensor([[0]])).item() == pytest.approx(30 - math.log(2))
 
 
-def test_step_min_logodds_takes_the_minimum_within_each_step_and_over_the_whole_completion_at_eos():
+def test_step_minimum_takes_the_minimum_within_each_step_and_over_the_whole_completion_at_eos():
     # "12;3;#4" + EOS, and a shorter, padded row "5;#5" + EOS
     ids = [TOK.completion_ids("12;3;#4"), TOK.completion_ids("5;#5")]
     roll = posttrain.completion_rows(TOK, ["1+2="] * 2, ids, "cpu")
     x = torch.tensor([[5.0, 0.5, 4.0, 6.0, 2.0, 7.0, 3.0, 8.0],
                       [4.0, 9.0, 6.0, 5.0, 7.0, 1.0, 1.0, 1.0]], requires_grad=True)
-    m = posttrain.step_min_logodds(x, roll["completion_ids"], roll["completion_mask"])
+    m = posttrain.step_minimum(x, roll["completion_ids"], roll["completion_mask"])
     # step "12;": 5, then 0.5 twice; step "3;": 6, 2; the answer "#4": 7, 3; the EOS: 0.5, the whole row's least
     assert m[0].tolist() == [5.0, 0.5, 0.5, 6.0, 2.0, 7.0, 3.0, 0.5]
     assert m[1].tolist() == [4.0, 4.0, 6.0, 5.0, 4.0, 0.0, 0.0, 0.0]  # padding reads 0
