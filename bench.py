@@ -11,7 +11,11 @@ Speed figures for posttrain, one function per benchmark:
     python bench.py --what gemm        the machine's matrix-product peak (GFLOP/s) at the model's shapes,
                                        fp32 and bf16
     python bench.py --what train       pretrain and sft optimizer steps: real tokens/s, GFLOP/s and the
-                                       fraction of the fp32 GEMM peak measured in the same run (MFU)
+                                       fraction of the fp32 GEMM peak measured in the same run (MFU); also
+                                       an sft step on a random model of SmolLM2-135M's shape
+    python bench.py --what all --init OUT/sft --markdown
+                                       sampler, train and grpo in one run, then every target line as a
+                                       Markdown table with the command and the machine (README's speed table)
 
 This script (only this one, besides the test-fixture script) imports transformers (and trl), and only if
 present; the program never needs them. Timings are wall-clock medians after a warm-up run, on the threads
@@ -20,7 +24,9 @@ torch is given.
 
 import argparse
 import os
+import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -38,11 +44,34 @@ COMPUTE_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_produc
                "aten::_scaled_dot_product_cudnn_attention")
 
 
+TARGETS = []  # (what, measured, goal, met) of every target line this run printed, for --markdown
+
+
 def target(what, value, goal, unit="x"):
     """One line of a speed target of the project against its measured value: met or not."""
     shown = f"{value:.0%}" if unit == "%" else f"{value:.2f}x"
     bar = f"{goal:.0%}" if unit == "%" else f"{goal:g}x"
     print(f"  target {what}: {shown} (goal >= {bar}): {'met' if value >= goal else 'not met'}")
+    TARGETS.append((what, shown, bar, "met" if value >= goal else "not met"))
+
+
+def machine():
+    """The CPU's model name, its cores, torch's threads and version: what a figure of this run was taken on."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def markdown(command):
+    """The run's target lines as a Markdown table, with the command and the machine: README's speed table."""
+    print(f"\n`{command}` on {machine()}, {time.strftime('%Y-%m-%d')}:\n")
+    print("| target | measured | goal | |\n|---|---|---|---|")
+    for what, shown, bar, met in TARGETS:
+        print(f"| {what} | {shown} | {bar} | {met} |")
 
 
 def median_times(fns, reps):
@@ -379,47 +408,70 @@ def mix_rate(config, rates):
 def bench_train(args):
     """Optimizer steps of pretrain and sft as posttrain.py runs them (the stages' own batches, loss and
     accumulate_gradients, AdamW), in real (non-pad) tokens per second, GFLOP/s and MFU: the fraction of the
-    fp32 GEMM peak measured in this same run at the same number of rows."""
-    import posttrain
+    fp32 GEMM peak measured in this same run at the same number of rows. Then the same sft step on a random
+    model of SmolLM2-135M's shape (the GSM8K-style rows and BPE tokenizer of tests/fixtures, --train-batch
+    rows), where the matrix products are large enough beside the rest to show what the loop can reach."""
     config = GPTConfig()
-    print(f"training steps, default model ({GPT(config).num_params() / 1e6:.2f}M params), "
-          f"{torch.get_num_threads()} threads, median of {args.reps}")
-    for name in ("pretrain", "sft"):
-        with tempfile.TemporaryDirectory() as tmp:
-            init = []
-            if name == "sft":
-                torch.manual_seed(0)
-                GPT(config).save_pretrained(tmp)
-                Tokenizer(task.DATA_DIR).save(tmp)
-                init = ["--init", tmp]
-            pargs, ctx = posttrain.prepare(name, posttrain.get_args(["--stage", name, "--out-dir", tmp, *init]))
-        stage, policy = posttrain.STAGES[name], ctx["policy"]
-        opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-        batches = [stage.make_batch(ctx, pargs, i)[0] for i in range(args.reps + 1)]
-        it = iter(batches)
+    print(f"training steps, {torch.get_num_threads()} threads, median of {args.reps}")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_report("pretrain", config, [], args.reps)
+        torch.manual_seed(0)
+        GPT(config).save_pretrained(tmp)
+        Tokenizer(task.DATA_DIR).save(tmp)
+        train_report("sft", config, ["--init", tmp], args.reps)
+    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        GPT(SMOLLM2_135M).save_pretrained(tmp)
+        Tokenizer(os.path.join(fixtures, "qwen2")).save(tmp)
+        train_report("sft", SMOLLM2_135M, ["--init", tmp, "--task", "answer", "--data-dir",
+                                           os.path.join(fixtures, "gsm"), "--batch-size", str(args.train_batch),
+                                           "--micro-batch-size", str(args.train_batch)], args.reps,
+                     label="sft, SmolLM2-135M shape")
 
-        def step():
-            batch = next(it)
-            posttrain.accumulate_gradients(stage, ctx, pargs, batch, torch.arange(len(batch["w"])))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
 
-        secs = median_times({"step": step}, args.reps)["step"]
-        real = statistics.median(int((b["ids"] != ctx["pad"]).sum()) for b in batches)
-        T = statistics.median(b["ids"].shape[1] for b in batches)
-        rows = int(statistics.median(b["ids"].numel() for b in batches))
-        flops = train_flops_per_token(config, T) * real / secs
-        rates = gemm_peak(config, rows, args.reps)
-        peak, mix = max(rates.values()), mix_rate(config, rates)
-        print(f"  {name:8s} batch {pargs.batch_size} x {T} tokens ({real} real): {secs * 1e3:6.1f} ms/step, "
-              f"{real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = {flops / 1e9 / peak:4.0%} of the "
-              f"{peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}; the model's own products in a row reach "
-              f"{mix:.0f} GFLOP/s ({mix / peak:.0%} of the peak)")
-        target(f"{name} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
+def train_report(name, config, argv, reps, label=None):
+    """Time reps optimizer steps of stage `name` (after a warm-up step) on a model of `config` and print
+    the step's speed and MFU, with its target line."""
+    import posttrain
+    label = label or f"{name}, default model"
+    with tempfile.TemporaryDirectory() as out:
+        pargs, ctx = posttrain.prepare(name, posttrain.get_args(["--stage", name, "--out-dir", out, *argv]))
+    stage, policy = posttrain.STAGES[name], ctx["policy"]
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    batches = [stage.make_batch(ctx, pargs, i)[0] for i in range(reps + 1)]
+    it = iter(batches)
+
+    def step():
+        batch = next(it)
+        posttrain.accumulate_gradients(stage, ctx, pargs, batch, torch.arange(len(batch["w"])))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    secs = median_times({"step": step}, reps)["step"]
+    real = statistics.median(int((b["ids"] != ctx["pad"]).sum()) for b in batches)
+    T = statistics.median(b["ids"].shape[1] for b in batches)
+    rows = int(statistics.median(b["ids"].numel() for b in batches))
+    flops = train_flops_per_token(config, T) * real / secs
+    rates = gemm_peak(config, rows, reps)
+    peak, mix = max(rates.values()), mix_rate(config, rates)
+    n_rows = statistics.median(len(b["ids"]) for b in batches)  # fewer than the sequences when packed
+    print(f"  {label} ({policy.num_params() / 1e6:.2f}M params), {pargs.batch_size} sequences in {n_rows:g} rows "
+          f"x {T:g} tokens ({real:g} real): {secs * 1e3:6.1f} ms/step, {real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = "
+          f"{flops / 1e9 / peak:4.0%} of the {peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}; the model's own "
+          f"products in a row reach {mix:.0f} GFLOP/s ({mix / peak:.0%} of the peak)")
+    target(f"{label} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
+
+
+def bench_all(args):
+    """Every benchmark with a target, one after another: sampler, train, grpo (with TRL if importable)."""
+    for what in ("sampler", "train", "grpo"):
+        BENCHMARKS[what](args)
+        print()
 
 
 BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2, "gemm": bench_gemm,
-              "train": bench_train}
+              "train": bench_train, "all": bench_all}
 
 
 def main():
@@ -438,9 +490,14 @@ def main():
     parser.add_argument("--group-size", type=int, default=8, help="grpo: completions per prompt")
     # smollm2 uses --grpo-prompts, --group-size and --new-tokens
     parser.add_argument("--gemm-rows", type=int, default=4096, help="gemm: M, the tokens of one product")
+    parser.add_argument("--train-batch", type=int, default=64, help="train: rows of the SmolLM2-shape sft step")
+    parser.add_argument("--markdown", action="store_true",
+                        help="end with the run's targets as a Markdown table, with the command and the machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     BENCHMARKS[args.what](args)
+    if args.markdown:
+        markdown(" ".join(["python bench.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":

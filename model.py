@@ -261,6 +261,7 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V), or the final-normed hidden states (B, T, D) if return_hidden.
 
         attn_mask (B, T_past + T): 1 real, 0 left padding, covering cached positions too. None = no padding.
+            Values above 1 mark packed documents: see _positions_and_mask.
         cache: a KVCache holding T_past = cache.pos positions; this call appends T more.
         """
         B, T = idx.shape
@@ -298,17 +299,26 @@ class GPT(nn.Module):
 
     @staticmethod
     def _positions_and_mask(attn_mask, T, dtype):
-        """Positions (B, T) and SDPA's additive mask (B, 1, T, T_total) for the last T of T_total tokens."""
+        """Positions (B, T) and SDPA's additive mask (B, 1, T, T_total) for the last T of T_total tokens.
+
+        attn_mask (B, T_total): 0 is padding; any other value names a segment, a run of consecutive tokens
+        with that value. A token attends to the earlier tokens of its own segment only, and its position
+        counts from the segment's first token. The usual 1 / 0 mask is one segment after left padding;
+        packed rows (several documents in one row, as lm_batch builds them) number their documents 1, 2, ...
+        """
         T_total = attn_mask.size(1)
-        # a token's position is the number of real tokens before it, so left padding does not shift it;
-        # pads get -1, clamped to 0 (their rows are garbage that no one reads)
-        pos = (attn_mask.cumsum(-1) - 1).clamp(min=0)[:, T_total - T:]  # (B, T)
+        # a token's position is its distance from the first token of its run, so left padding does not shift
+        # it and each packed document starts at 0; pads get positions too (their rows are garbage no one reads)
         k_idx = torch.arange(T_total, device=attn_mask.device)  # (T_total,)
+        run_start = torch.ones_like(attn_mask, dtype=torch.bool)  # (B, T_total) where a run begins
+        run_start[:, 1:] = attn_mask[:, 1:] != attn_mask[:, :-1]
+        pos = (k_idx - torch.where(run_start, k_idx, 0).cummax(-1).values)[:, T_total - T:]  # (B, T)
         q_idx = k_idx[T_total - T:, None]  # (T, 1) the new tokens are the last T
-        # causal AND key is real; plus the diagonal, so a pad query still sees one key: a row with every
-        # key masked would make SDPA's softmax 0/0 = NaN, and NaN leaks into gradients even where masked
-        # (and, through the KV cache, into later real tokens)
-        allowed = ((k_idx <= q_idx) & attn_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, T_total)
+        # causal AND key is real AND of the query's segment; plus the diagonal, so a pad query still sees one
+        # key: a row with every key masked would make SDPA's softmax 0/0 = NaN, and NaN leaks into gradients
+        # even where masked (and, through the KV cache, into later real tokens)
+        same = attn_mask[:, None, :] == attn_mask[:, T_total - T:, None]  # (B, T, T_total)
+        allowed = ((k_idx <= q_idx) & same & attn_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, T_total)
         # SDPA would turn a boolean mask into this additive 0 / -inf form in every layer; once here serves all
         mask = torch.where(allowed, 0.0, float("-inf")).to(dtype)  # (B, T, T_total)
         return pos, mask.unsqueeze(1)  # (B, 1, T, T_total), broadcast over heads

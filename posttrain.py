@@ -1050,21 +1050,54 @@ def lm_stage_batch(ctx, args, step):
 
 
 def lm_batch(ctx, args, step):
-    """Right-padded ids and labels; labels are IGNORE_INDEX on the prompt (incl. BOS) and on padding."""
-    idx = share(ctx["order"].take(args.batch_size))  # several processes: this rank's rows of the batch
-    ids = pad_right([ctx["seqs"][i] for i in idx], ctx["pad"])  # (B, T)
-    labels = pad_right([ctx["seqs"][i] for i in idx], IGNORE_INDEX)  # (B, T)
-    for row, i in enumerate(idx):
-        labels[row, :ctx["n_prompt"][i]] = IGNORE_INDEX  # no loss, hence no gradient, on prompt tokens
+    """The step's sequences packed into rows as wide as the longest of them: ids, labels and mask (B', T).
+
+    Several short sequences share a row, each attending to itself only (mask numbers them 1, 2, ... and is 0
+    on the right padding; model.GPT._positions_and_mask), so a batch has about a quarter fewer positions
+    (the arithmetic pretrain data: 86% of them real tokens, against 66% with one sequence per row) for the
+    same loss: the same sequences, the same token mean. labels are IGNORE_INDEX on each
+    sequence's prompt (incl. BOS) and on padding; the first token of a sequence is never a target, so no
+    sequence learns from the one before it in its row. Rows are never wider than one sequence per row would
+    be, so a micro-batch of rows needs no more memory than before.
+    """
+    idx = share(ctx["order"].take(args.batch_size))  # several processes: this rank's sequences of the batch
+    seqs = [ctx["seqs"][i] for i in idx]
+    T = max(map(len, seqs))
+    rows = pack_rows([len(s) for s in seqs], T)
+    ids = torch.full((len(rows), T), ctx["pad"], dtype=torch.long)  # (B', T)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)  # (B', T)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)  # (B', T) 0 padding, k the row's k-th sequence
+    for row, members in enumerate(rows):
+        start = 0
+        for k, j in enumerate(members, 1):
+            seq, end = torch.tensor(seqs[j]), start + len(seqs[j])
+            ids[row, start:end], mask[row, start:end] = seq, k
+            n_prompt = ctx["n_prompt"][idx[j]]  # no loss, hence no gradient, on prompt tokens
+            labels[row, start + n_prompt:end] = seq[n_prompt:]
+            start = end
     # w = tokens that carry loss in each row; the loop normalises by their total over the accumulated batch
-    return {"ids": ids, "labels": labels, "w": (labels[:, 1:] != IGNORE_INDEX).sum(1)}
+    return {"ids": ids, "labels": labels, "mask": mask, "w": (labels[:, 1:] != IGNORE_INDEX).sum(1)}
+
+
+def pack_rows(lengths, width):
+    """First-fit decreasing bin packing: the indices of `lengths` grouped into rows whose lengths sum to at
+    most width, longest first (ties in order), each into the first row with room for it."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
 
 
 def lm_loss(ctx, args, mb):
     model = ctx["policy"]
-    # right padding needs no attention mask: causal attention never lets a real token see the pads after it
     with args.amp():
-        hidden = model(mb["ids"], return_hidden=True)  # (B, T, D)
+        hidden = model(mb["ids"], mb["mask"], return_hidden=True)  # (B, T, D), each packed sequence alone
         # the LM head a few rows at a time: each chunk's token mean, weighted by its share of the labelled
         # tokens, sums to the token mean of the whole micro-batch (with one chunk, sft_loss itself)
         n = (mb["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (B,)
@@ -1114,7 +1147,7 @@ def rft_batch(ctx, args, step):
     stats.update(ctx["round_stats"])
     if not ctx["data"]["seqs"]:
         empty = torch.zeros(0, 1, dtype=torch.long)
-        return {"ids": empty, "labels": empty, "w": torch.zeros(0)}, stats  # the loop skips an empty batch
+        return {"ids": empty, "labels": empty, "mask": empty, "w": torch.zeros(0)}, stats  # the loop skips it
     return lm_batch(ctx["data"], args, step), stats
 
 
@@ -1285,7 +1318,8 @@ def sequence_logps(model, ids, mask, args):
         return logps.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # (b,)
 
     with args.amp():
-        hidden = model(ids, return_hidden=True)  # (B, T, D); right padding needs no attention mask (lm_loss)
+        # right padding needs no attention mask: causal attention never lets a real token see the pads after it
+        hidden = model(ids, return_hidden=True)  # (B, T, D)
         return torch.cat(rollout.over_head_chunks(summed, model, hidden, ids, mask))  # (B,)
 
 

@@ -271,6 +271,25 @@ def test_left_padding_changes_nothing():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_packed_segments_are_separate_sequences():
+    # one row holding three sequences (mask 1, 2, 3, then right padding 0) gives each sequence exactly the
+    # logits it gets alone: positions restart at every segment and no token sees another segment
+    model = tiny()
+    seqs = [torch.randint(0, TINY["vocab_size"], (n,)) for n in (4, 1, 5)]
+    idx = torch.cat(seqs + [torch.zeros(2, dtype=torch.long)])[None]  # (1, 12)
+    mask = torch.tensor([[1] * 4 + [2] + [3] * 5 + [0] * 2])  # (1, 12)
+    packed = model(idx, mask)  # (1, 12, V), with gradients
+    start = 0
+    for s in seqs:
+        alone = model(s[None])  # (1, n, V)
+        assert (packed[0, start:start + len(s)] - alone[0]).abs().max() <= 1e-5
+        start += len(s)
+    pos, _ = model._positions_and_mask(mask, 12, torch.float32)
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 0, 1]]  # the pads after the last run count on
+    (packed * (mask > 0)[..., None]).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_too_long_is_an_error():
     model = tiny()
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):

@@ -50,6 +50,47 @@ def stage_ctx(name, argv):
     return ctx, args
 
 
+def test_pack_rows_first_fit_decreasing():
+    # longest first, each into the first row with room: 6 | 5 | 4 + 2 | 3
+    assert posttrain.pack_rows([5, 3, 4, 2, 6], 6) == [[4], [0], [2, 3], [1]]
+    assert posttrain.pack_rows([2, 2, 2], 6) == [[0, 1, 2]]
+    assert posttrain.pack_rows([3], 3) == [[0]]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_packed_lm_batch_is_the_unpacked_loss(tmp_path, stage):
+    # lm_batch packs several sequences into a row; the loss and its gradient must be those of the same
+    # sequences one per row: the token mean of -log p over every labelled token
+    init = [] if stage == "pretrain" else ["--init", tiny_checkpoint(tmp_path / "init")]
+    ctx, args = stage_ctx(stage, ["--out-dir", str(tmp_path / "out"), "--batch-size", "16",
+                                  "--data-dir", small_data(tmp_path / "data"), *TINY, *init])
+    order = posttrain.Shuffler(len(ctx["seqs"]), args.seed)  # the stage's own order, replayed
+    batch = posttrain.lm_batch(ctx, args, 0)
+    idx = order.take(16)
+    assert len(batch["ids"]) < 16 and batch["ids"].shape[1] == max(len(ctx["seqs"][i]) for i in idx)
+    # every sequence is in the batch exactly once, as one segment of the mask
+    segments = []
+    for row, m in zip(batch["ids"].tolist(), batch["mask"].tolist()):
+        for k in range(1, max(m) + 1):
+            segments.append([t for t, mk in zip(row, m) if mk == k])
+    assert sorted(segments) == sorted(ctx["seqs"][i] for i in idx)
+    model = ctx["policy"]
+    loss, _ = posttrain.lm_loss(ctx, args, batch)
+    loss.backward()
+    grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    total, count = 0.0, 0
+    for i in idx:
+        seq, n_prompt = torch.tensor(ctx["seqs"][i]), ctx["n_prompt"][i]
+        logp = model(seq[None])[0, :-1].log_softmax(-1).gather(-1, seq[1:, None])[:, 0]  # (n - 1,)
+        total = total - logp[n_prompt - 1:].sum()  # targets from the first completion token on
+        count += len(seq) - n_prompt
+    (total / count).backward()
+    assert abs(loss.item() - (total / count).item()) <= 1e-5
+    assert (grad - model.model.embed_tokens.weight.grad).abs().max() <= 1e-6
+    assert batch["w"].sum() == count
+
+
 def toy_rows(split, n):
     rows = task.read_jsonl(os.path.join(DATA, split + ".jsonl"), {"prompt": str, "answer": int})[:n]
     out = []
