@@ -1052,13 +1052,14 @@ def lm_stage_batch(ctx, args, step):
 def lm_batch(ctx, args, step):
     """The step's sequences packed into rows as wide as the longest of them: ids, labels and mask (B', T).
 
-    Several short sequences share a row, each attending to itself only (mask numbers them 1, 2, ... and is 0
-    on the right padding; model.GPT._positions_and_mask), so a batch has about a quarter fewer positions
-    (the arithmetic pretrain data: 86% of them real tokens, against 66% with one sequence per row) for the
-    same loss: the same sequences, the same token mean. labels are IGNORE_INDEX on each
-    sequence's prompt (incl. BOS) and on padding; the first token of a sequence is never a target, so no
-    sequence learns from the one before it in its row. Rows are never wider than one sequence per row would
-    be, so a micro-batch of rows needs no more memory than before.
+    Several short sequences share a row, each attending to itself only (mask numbers them 1, 2, ... and is 0 on
+    the right padding; model.GPT._positions_and_mask), so a batch has about a quarter fewer positions (the
+    arithmetic pretrain data: 86% of them real tokens, against 66% with one sequence per row) for the same loss:
+    the same sequences, the same token mean. labels are IGNORE_INDEX on each sequence's prompt (incl. BOS) and on
+    padding; the first token of a sequence is never a target, so no sequence learns from the one before it in its
+    row. Rows are never wider than with one sequence per row, so a micro-batch of --micro-batch-size rows holds
+    no more tokens than it would unpacked; the one new tensor is the attention mask the model builds from `mask`,
+    (B', T, T).
     """
     idx = share(ctx["order"].take(args.batch_size))  # several processes: this rank's sequences of the batch
     seqs = [ctx["seqs"][i] for i in idx]
