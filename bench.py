@@ -299,6 +299,18 @@ SMOLLM2_135M = GPTConfig(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_
                          max_seq_len=2048, rope_theta=100000.0, tie_embeddings=True)
 
 
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")
+
+
+def smollm2_folder(folder):
+    """Write a random model of SmolLM2-135M's shape (seed 0) with the fixtures' small BPE tokenizer into
+    folder; return the flags that point a stage at it and at the GSM8K-style rows of tests/fixtures/gsm."""
+    torch.manual_seed(0)
+    GPT(SMOLLM2_135M).save_pretrained(folder)
+    Tokenizer(os.path.join(FIXTURES, "qwen2")).save(folder)
+    return ["--init", folder, "--task", "answer", "--data-dir", os.path.join(FIXTURES, "gsm")]
+
+
 def peak_memory_gb(device):
     """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident set on the CPU."""
     if device == "cuda":
@@ -315,14 +327,9 @@ def bench_smollm2(args):
     weights or tokenizers can be downloaded here). A random model never says EOS, so every completion runs
     --new-tokens: the step's cost at a fixed length."""
     import posttrain
-    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        GPT(SMOLLM2_135M).save_pretrained(tmp)
-        Tokenizer(os.path.join(fixtures, "qwen2")).save(tmp)
-        argv = ["--stage", "grpo", "--init", tmp, "--device", args.device, "--task", "answer",
-                "--data-dir", os.path.join(fixtures, "gsm"), "--batch-size", str(args.grpo_prompts),
-                "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens),
+        argv = ["--stage", "grpo", *smollm2_folder(tmp), "--device", args.device,
+                "--batch-size", str(args.grpo_prompts), "--group-size", str(args.group_size), "--max-new-tokens", str(args.new_tokens),
                 "--micro-batch-size", str(args.grpo_prompts * args.group_size), "--kl-coef", "0.04",
                 "--ppo-epochs", "1"] + (["--dtype", "bf16"] if args.device == "cuda" else [])
         pargs, ctx = posttrain.prepare("grpo", posttrain.get_args(argv))
@@ -419,13 +426,8 @@ def bench_train(args):
         GPT(config).save_pretrained(tmp)
         Tokenizer(task.DATA_DIR).save(tmp)
         train_report("sft", config, ["--init", tmp], args.reps)
-    fixtures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "fixtures")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        GPT(SMOLLM2_135M).save_pretrained(tmp)
-        Tokenizer(os.path.join(fixtures, "qwen2")).save(tmp)
-        train_report("sft", SMOLLM2_135M, ["--init", tmp, "--task", "answer", "--data-dir",
-                                           os.path.join(fixtures, "gsm"), "--batch-size", str(args.train_batch),
+        train_report("sft", SMOLLM2_135M, [*smollm2_folder(tmp), "--batch-size", str(args.train_batch),
                                            "--micro-batch-size", str(args.train_batch)], args.reps,
                      label="sft, SmolLM2-135M shape")
 
@@ -457,8 +459,8 @@ def train_report(name, config, argv, reps, label=None):
     peak, mix = max(rates.values()), mix_rate(config, rates)
     n_rows = statistics.median(len(b["ids"]) for b in batches)  # fewer than the sequences when packed
     print(f"  {label} ({policy.num_params() / 1e6:.2f}M params), {pargs.batch_size} sequences in {n_rows:g} rows "
-          f"x {T:g} tokens ({real:g} real): {secs * 1e3:6.1f} ms/step, {real / secs / 1e3:5.1f}k real tok/s, {flops / 1e9:5.1f} GFLOP/s = "
-          f"{flops / 1e9 / peak:4.0%} of the {peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}; the model's own "
+          f"x {T:g} tokens ({real:g} real): {secs * 1e3:6.1f} ms/step, {real / secs / 1e3:5.1f}k real tok/s, "
+          f"{flops / 1e9:5.1f} GFLOP/s = {flops / 1e9 / peak:4.0%} of the {peak:.0f} GFLOP/s fp32 GEMM peak at M = {rows}; the model's own "
           f"products in a row reach {mix:.0f} GFLOP/s ({mix / peak:.0%} of the peak)")
     target(f"{label} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
 
