@@ -13,8 +13,11 @@ Speed figures for posttrain, one function per benchmark:
     python bench.py --what train       pretrain and sft optimizer steps: real tokens/s, GFLOP/s and the
                                        fraction of the fp32 GEMM peak measured in the same run (MFU); also
                                        an sft step on a random model of SmolLM2-135M's shape
-    python bench.py --what all --init OUT/sft --markdown
-                                       sampler, train and grpo in one run, then every target line as a
+    python bench.py --what eval --eval-dir OUT --eval-anchor DIR
+                                       the eval stage on OUT's pretrain, sft and grpo as a whole process,
+                                       against the same command of an earlier checkout DIR
+    python bench.py --what all --init OUT/sft --eval-dir OUT --eval-anchor DIR --markdown
+                                       sampler, train, grpo and eval in one run, then every target line as a
                                        Markdown table with the command and the machine (README's speed table)
 
 This script (only this one, besides the test-fixture script) imports transformers (and trl), and only if
@@ -465,15 +468,69 @@ def train_report(name, config, argv, reps, label=None):
     target(f"{label} training at the fp32 GEMM peak (MFU)", flops / 1e9 / peak, 0.6, "%")
 
 
+def bench_eval(args):
+    """The eval stage of a pipeline, as a whole process: `posttrain.py --stage eval` on OUT/sft and OUT/grpo
+    against OUT/pretrain (--eval-dir OUT, e.g. the main job's out/), wall seconds and the stage's own seconds
+    per checkpoint. With --eval-anchor DIR (a checkout of an earlier posttrain, e.g. `git worktree add DIR
+    5f9e300`, the version the eval's speed target is set against) the same command of that checkout runs in
+    turn with this one, --eval-reps times each, and its estimates are printed beside ours: greedy accuracy and
+    pass@1 per split, to show both measured the same thing (sampled figures are draws, so they differ a little;
+    greedy ones agree unless a near-tie rounds the other way)."""
+    import json
+    import re
+    import subprocess
+    if args.eval_dir is None:
+        sys.exit("bench.py --what eval needs --eval-dir OUT, a folder with pretrain, sft and grpo in it")
+    folders = [os.path.join(args.eval_dir, s) for s in ("pretrain", "sft", "grpo")]
+    for f in folders:
+        if not os.path.exists(os.path.join(f, "config.json")):
+            sys.exit(f"bench.py --eval-dir {args.eval_dir}: no checkpoint {f} (run `python posttrain.py --stage "
+                     f"grpo --out-dir {args.eval_dir}` first)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkouts = {"posttrain": here} | ({"anchor": os.path.abspath(args.eval_anchor)} if args.eval_anchor else {})
+    runs = {name: [] for name in checkouts}  # name -> [(wall s, {checkpoint: s}, eval.json)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.eval_reps):
+            for name, root in checkouts.items():
+                out = os.path.join(tmp, f"{name}{rep}.json")
+                cmd = [sys.executable, os.path.join(root, "posttrain.py"), "--stage", "eval",
+                       "--ckpt", folders[1], "--ckpt", folders[2], "--base", folders[0],
+                       "--out-dir", os.path.join(tmp, "out"), "--eval-out", out, "--threads", str(args.threads)]
+                t0 = time.perf_counter()
+                log = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+                wall = time.perf_counter() - t0
+                per = dict(re.findall(r"^\[eval\] (\S+): (\d+)s$", log, re.M))
+                with open(out) as f:
+                    runs[name].append((wall, per, json.load(f)))
+    print(f"the eval stage on {', '.join(folders[1:])} against {folders[0]}: whole process, {args.threads} "
+          f"threads, median of {args.eval_reps}")
+    for name, root in checkouts.items():
+        wall = statistics.median(w for w, _, _ in runs[name])
+        per = ", ".join(f"{c} {statistics.median(int(p[c]) for _, p, _ in runs[name])} s"
+                        for c in runs[name][0][1])  # the stage's own seconds of each checkpoint
+        print(f"  {name:9s} {wall:6.1f} s  ({per}; {root})")
+        res = runs[name][0][2]
+        for split in res["problems"]:
+            shown = [f"{c['name']} {100 * c[split]['greedy']:.1f} / {100 * c[split]['pass@1']:.1f}"
+                     for c in res["checkpoints"]]
+            print(f"            {split}: greedy / pass@1 %  {', '.join(shown)}")
+    if args.eval_anchor:
+        wall = {name: statistics.median(w for w, _, _ in r) for name, r in runs.items()}
+        ratio = wall["anchor"] / wall["posttrain"]
+        print(f"  anchor / posttrain: {ratio:.2f}x")
+        target("the eval stage vs the version before (--eval-anchor)", ratio, 3.0)
+
+
 def bench_all(args):
-    """Every benchmark with a target, one after another: sampler, train, grpo (with TRL if importable)."""
-    for what in ("sampler", "train", "grpo"):
+    """Every benchmark with a target, one after another: sampler, train, grpo (with TRL if importable), and
+    eval if --eval-dir is given."""
+    for what in ("sampler", "train", "grpo") + (("eval",) if args.eval_dir else ()):
         BENCHMARKS[what](args)
         print()
 
 
 BENCHMARKS = {"sampler": bench_sampler, "grpo": bench_grpo, "smollm2": bench_smollm2, "gemm": bench_gemm,
-              "train": bench_train, "all": bench_all}
+              "train": bench_train, "eval": bench_eval, "all": bench_all}
 
 
 def main():
@@ -493,6 +550,10 @@ def main():
     # smollm2 uses --grpo-prompts, --group-size and --new-tokens
     parser.add_argument("--gemm-rows", type=int, default=4096, help="gemm: M, the tokens of one product")
     parser.add_argument("--train-batch", type=int, default=64, help="train: rows of the SmolLM2-shape sft step")
+    parser.add_argument("--eval-dir", default=None,
+                        help="eval: an out dir with pretrain, sft, grpo (`posttrain.py --stage grpo` writes one)")
+    parser.add_argument("--eval-anchor", default=None, help="eval: a checkout of an earlier posttrain to time")
+    parser.add_argument("--eval-reps", type=int, default=1, help="eval: whole eval runs of each checkout")
     parser.add_argument("--markdown", action="store_true",
                         help="end with the run's targets as a Markdown table, with the command and the machine")
     args = parser.parse_args()

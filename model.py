@@ -169,13 +169,15 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, max_len, hs)
         self.max_len = max_len
         self.pos = 0
+        self.rows = batch_size  # rows in use, the first ones (the sampler runs one per distinct history)
 
     def update(self, layer, k, v):
-        """Write k, v (B, nkv, T, hs) at pos; return views of all stored positions, (B, nkv, pos + T, hs)."""
+        """Write k, v (rows, nkv, T, hs) at pos -> views of every stored position, (rows, nkv, pos + T, hs)."""
         T = k.size(2)
-        self.k[layer].narrow(2, self.pos, T).copy_(k)
-        self.v[layer].narrow(2, self.pos, T).copy_(v)
-        return self.k[layer].narrow(2, 0, self.pos + T), self.v[layer].narrow(2, 0, self.pos + T)
+        keys, values = self.k[layer, :self.rows], self.v[layer, :self.rows]  # views
+        keys.narrow(2, self.pos, T).copy_(k)
+        values.narrow(2, self.pos, T).copy_(v)
+        return keys.narrow(2, 0, self.pos + T), values.narrow(2, 0, self.pos + T)
 
 
 # -----------------------------------------------------------------------------

@@ -6,15 +6,19 @@ speed as much as a reference can be. On small models a decode step is a few hund
 is their number, not their arithmetic; everything here serves to keep the loop down to the model's own
 matrix products and attention:
 
-  * one prefill forward over all prompts, then one single-token forward per new token for the whole batch;
-    no per-row Python in the decode loop: finished rows keep riding along and are masked once at the end;
+  * one prefill forward over the distinct prompts, then one single-token forward per new token for the
+    whole batch; rows with the same prompt (a GRPO group, the eval's n samples of a problem) run as one row
+    until their tokens differ (branch), which a model sure of its answers makes several times cheaper;
+    no per-row Python in the decode loop: finished rows ride along, masked once at the end, until they
+    are a quarter of the batch and leave it (drop_finished);
   * one KVCache preallocated for prompt_len + max_new_tokens, written in place (no growing torch.cat);
   * the attention mask is preallocated too (prompt mask, then ones) and each step passes a slice of it;
     when no prompt is padded we pass no mask at all, and the model reads positions straight off its RoPE
     tables, computed once at construction;
   * sampling is argmax(p / Exp(1) noise), the same distribution as torch.multinomial in three kernels;
   * per-step results are collected in lists and stacked once;
-  * the only host-device sync is the "all rows finished?" check, done every CHECK_EVERY steps.
+  * the only host-device sync is the "all rows finished?" check, done every CHECK_EVERY steps; with rows
+    that share a prompt, branch() adds one per step (the number of distinct histories sizes the next step).
 
 Left padding keeps every row's last prompt token in the same column, so one new column per step serves all
 rows; positions come from the mask (model.py), so padding changes nothing a row computes.
@@ -108,34 +112,46 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {total} exceeds "
                          f"max_seq_len={model.config.max_seq_len}")
+    # Rows that share a prompt (a GRPO group, the eval's n samples of a problem) share everything up to the
+    # first token in which they differ, and a model that is sure of itself often writes them all alike. So the
+    # model runs once per distinct history, a "slot": slots start as the distinct prompts (ids and padding)
+    # and a slot splits when its rows draw different tokens (branch). Each row draws its own noise, so the
+    # samples are those of one forward per row.
+    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True)
+    state = row_of if len(distinct) < B else None  # (B,) the slot of each row; None: row b is slot b
+    slot_ids, slot_mask = (distinct[:, :P], distinct[:, P:]) if state is not None else (prompt_ids, prompt_mask)
     cache = KVCache(model.config, B, total, device=device, dtype=model.lm_head.weight.dtype)
-    # attention mask for the whole rollout: the prompt's padding, then every generated column counts as real.
-    # Tokens after a row's EOS are garbage we feed anyway; they come after everything the row keeps, so
+    cache.rows = len(slot_ids)
+    # attention mask of each slot's whole rollout: its prompt's padding, then every generated column counts as
+    # real. Tokens after a row's EOS are garbage we feed anyway; they come after everything the row keeps, so
     # causality already stops them from influencing it.
-    attn_mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B, P + N_max)
-    attn_mask[:, :P] = prompt_mask
+    attn_mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B, P + N_max), slots in rows 0..U-1
+    attn_mask[:len(slot_ids), :P] = slot_mask
     # with no padding at all the model needs no mask: positions are a slice of its tables and a decode step
     # attends to every key, which saves building and applying a mask in every step and layer
     padded = not bool(prompt_mask.all())
     # every id that ends a completion (an instruct model often has two: end of turn and end of text)
     stop = None if eos_id is None else torch.tensor(eos_id, device=device).reshape(-1)  # (S,)
 
-    # prefill: one forward over all prompts; only the last position's logits are needed, so we take the
-    # hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
-    prefill_mask = attn_mask[:, :P] if padded else None  # (B, P)
-    hidden = model(prompt_ids, prefill_mask, cache=cache, return_hidden=True)  # (B, P, D)
-    logits = model.lm_head(hidden[:, -1]).float()  # (B, V)
+    # prefill: one forward over the slots' prompts; only the last position's logits are needed, so we take
+    # the hidden state there and apply the head to that alone (a (B, P, V) tensor would be wasted on a big vocab)
+    hidden = model(slot_ids, attn_mask[:cache.rows, :P] if padded else None, cache=cache, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1]).float()  # (U, V) one row per slot
+
+    def per_row(x):  # (U, ...) one per slot -> (B, ...) one per row
+        return x if state is None else x[state]
+
     # per-step results go into lists and are stacked once at the end: fewer kernels in the loop than
     # writing into preallocated (B, N) tensors column by column
     ids, logps, finished, entropy = [], [], [], []
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) row has emitted EOS
     for t in range(max_new_tokens):
         if temperature not in (0, 1):
-            logits = logits / temperature  # (B, V) the distribution we report log-probs of
+            logits = logits / temperature  # (U, V) the distribution we report log-probs of
         if temperature == 0:
-            next_id = logits.argmax(-1)  # (B,)
+            next_id = per_row(logits.argmax(-1))  # (B,)
         else:
-            probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V)
+            probs = per_row(filter_logits(logits, top_k, top_p).softmax(-1))  # (B, V)
             # argmax(p / E) with E ~ Exp(1) i.i.d. is an exact draw from p (the smallest of independent
             # exponentials E_v / p_v is E_j / p_j with probability p_j); unlike torch.multinomial it needs
             # no input validation and, on a GPU, no sync
@@ -146,18 +162,24 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
                 noise = probs.new_empty(total, probs.shape[1]).exponential_(generator=generator)[offset:offset + B]
             next_id = (probs / noise).argmax(-1)  # (B,)
         ids.append(next_id)
-        logps.append(gather_logprobs(logits, next_id))  # (B,) of the untruncated tempered distribution
+        logps.append(gather_logprobs(per_row(logits), next_id))  # (B,) of the untruncated tempered distribution
         if return_entropy:
-            entropy.append(entropy_from_logits(logits))  # (B,)
+            entropy.append(per_row(entropy_from_logits(logits)))  # (B,)
         finished.append(done)  # rows already finished before this token: they get pad, mask 0, logp 0
         if stop is not None:
             done = done | torch.isin(next_id, stop)  # (B,)
             if (t + 1) % CHECK_EVERY == 0 and (stop_all(done) if stop_all else bool(done.all())):
                 break
         if t + 1 < max_new_tokens:
-            # one new column for every row, finished or not (no per-row work); cache.pos advances by 1
-            step_mask = attn_mask[:, :P + t + 1] if padded else None  # (B, P + t + 1)
-            logits = model(next_id[:, None], step_mask, cache=cache)[:, -1].float()  # (B, V)
+            if stop is not None and (t + 1) % CHECK_EVERY == 0:
+                state = drop_finished(cache, attn_mask, state, done)
+            # one new column for every slot (no per-row work); cache.pos advances by 1
+            fed = next_id  # (B,)
+            if state is not None:
+                fed, state = branch(cache, attn_mask, state, next_id.masked_fill(done, pad_id),
+                                    max(logits.size(-1), pad_id + 1))
+            step_mask = attn_mask[:cache.rows, :P + t + 1] if padded else None  # (U, P + t + 1)
+            logits = model(fed[:, None], step_mask, cache=cache)[:, -1].float()  # (U, V)
 
     finished = torch.stack(finished, dim=1)  # (B, N)
     completion_mask = (~finished).long()  # (B, N) 1 up to and including EOS
@@ -166,6 +188,52 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=No
     logps = torch.stack(logps, dim=1).masked_fill(finished, 0.0)[:, :N]  # (B, N)
     entropy = torch.stack(entropy, dim=1).masked_fill(finished, 0.0)[:, :N] if return_entropy else None  # (B, N)
     return Samples(prompt_ids, prompt_mask, completion_ids, completion_mask[:, :N], logps, done, entropy)
+
+
+def branch(cache, attn_mask, state, next_id, V):
+    """Slots after one more token: rows of a slot that drew the same token stay together, each other token
+    opens a new slot with a copy of the parent's cached keys and values (and mask row). -> (the token each
+    slot is fed (U',), each row's slot (B,)); cache.rows becomes U'. state (B,): each row's slot; next_id
+    (B,): each row's token, below V, and pad for rows already finished (their tokens are thrown away, so they
+    need never split)."""
+    U = cache.rows
+    children, slot_of = torch.unique(state * V + next_id, return_inverse=True)  # (U',), (B,); sorted
+    parent, token = children // V, children % V  # (U',) the children of a slot are consecutive
+    first = torch.ones_like(parent, dtype=torch.bool)
+    first[1:] = parent[1:] != parent[:-1]  # every slot has a first child, which keeps the slot
+    slot = parent.clone()  # (U',) where each child lives
+    slot[~first] = torch.arange(U, len(children), device=parent.device)  # the others: the next free slots
+    if len(children) > U:
+        src, pos = parent[~first], cache.pos
+        cache.k[:, U:len(children), :, :pos] = cache.k[:, src, :, :pos]  # (L, new, nkv, pos, hs)
+        cache.v[:, U:len(children), :, :pos] = cache.v[:, src, :, :pos]
+        attn_mask[U:len(children)] = attn_mask[src]
+    cache.rows = len(children)
+    fed = torch.empty_like(token).index_copy_(0, slot, token)  # (U',) slot s is fed its child's token
+    return fed, slot[slot_of]
+
+
+def drop_finished(cache, attn_mask, state, done):
+    """Slots whose rows have all finished leave the batch once they are a quarter of it: the live slots move
+    to the front of the cache (keys, values, mask rows) -> each row's new slot (B,), or state unchanged.
+    A finished row's later tokens are thrown away, so finished rows all point at slot 0 from then on.
+    state None means row b is slot b; done (B,) rows that have emitted EOS."""
+    U = cache.rows
+    rows = torch.arange(len(done), device=done.device) if state is None else state  # (B,)
+    live = torch.zeros(U, dtype=torch.bool, device=done.device)
+    live[rows[~done]] = True  # (U,) slots with a row still writing
+    keep = live.nonzero()[:, 0]  # (U',)
+    if len(keep) > 3 * U // 4:
+        return state  # too few gone to pay for the copy
+    keep = keep if len(keep) else keep.new_zeros(1)  # other processes may still be writing: keep one slot
+    pos, n = cache.pos, len(keep)
+    cache.k[:, :n, :, :pos] = cache.k[:, keep, :, :pos]  # the right side is a gathered copy, so no overlap
+    cache.v[:, :n, :, :pos] = cache.v[:, keep, :, :pos]
+    attn_mask[:n] = attn_mask[keep]
+    cache.rows = n
+    moved = torch.zeros(U, dtype=torch.long, device=done.device)
+    moved[keep] = torch.arange(n, device=done.device)  # old slot -> new slot (dropped ones -> 0)
+    return moved[rows]
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, eos_id=None, generator=None, pad_id=0,

@@ -157,6 +157,31 @@ def test_seed_summary_carries_scorer_checks_and_the_last_steps_signals():
     assert "`step_balanced_accuracy`" in table and "0.85 ± 0.071" in table
 
 
+def test_score_samples_scores_each_distinct_pair_once(tmp_path, monkeypatch):
+    """Repeated (prompt, completion) pairs are scored once and every row gets its own pair's numbers: each
+    row's summed log-prob equals a full forward over that row alone."""
+    import rollout
+    model = posttrain.load_model(tiny_checkpoint(tmp_path / "m", seed=2, head_scale=3.0), "cpu").eval()
+    args = posttrain.stage_args(posttrain.get_args(["--stage", "eval"]), "eval")
+    args.temperature = 1.0
+    t = posttrain.Task("arith", task.DATA_DIR, posttrain.Tokenizer(task.DATA_DIR))
+    a, b = [r["prompt"] for r in t.rows("test")[:2]]
+    x, y = [5, 6, 7, 8], [9, 10]
+    rows = [(a, x), (b, y), (a, x), (a, y), (b, y), (a, x)]  # 3 distinct pairs; a gets two completions
+    scored = []
+    forward = posttrain.completion_forward
+    monkeypatch.setattr(posttrain, "completion_forward",
+                        lambda m, mb, args: scored.append(len(mb["completion_ids"])) or forward(m, mb, args))
+    logps, _, n_tokens = posttrain.score_samples(model, t.tok, [p for p, _ in rows], [c for _, c in rows], args)
+    assert sum(scored) == 3 and n_tokens.tolist() == [len(c) for _, c in rows]
+    for i, (p, c) in enumerate(rows):
+        ids = torch.tensor([t.tok.prompt_ids(p)])
+        alone = rollout.completion_logps(model, ids, torch.ones_like(ids), torch.tensor([c]),
+                                         torch.ones(1, len(c), dtype=torch.long)).sum()
+        assert abs(logps[i].item() - alone.item()) <= 1e-5
+    assert logps[0] != logps[3]  # same prompt, other completion: the check above can tell rows apart
+
+
 def test_eval_batches_by_prompt_length_in_the_usual_order_with_the_sampler_s_scores(tmp_path):
     """solve(by_length=True) regroups rows by prompt length and hands them back in the usual order: greedy
     (deterministic) completions are those of consecutive batches, and the sampler's summed log-probs and

@@ -37,6 +37,67 @@ def test_completion_does_not_depend_on_batch(model):
     assert torch.equal(sample(model, PROMPTS, 12, temperature=0).completion_ids[1], alone)
 
 
+def test_rows_sharing_a_prompt_get_that_prompts_prefill(model):
+    # the prefill runs once per distinct prompt; a wrong row -> prompt mapping would give a row another prompt's
+    # keys, values or first logits. [PAD, 5] and [5] have the same ids once left padded, only the mask tells
+    # them apart, so they must not be merged
+    prompts = [PROMPTS[2], PROMPTS[0], PROMPTS[2], [PAD, 5], PROMPTS[0], [5], PROMPTS[2], [PAD, 5]]
+    out = sample(model, prompts, 10, temperature=0)
+    for i, p in enumerate(prompts):
+        assert torch.equal(out.completion_ids[i], sample(model, [p], 10, temperature=0).completion_ids[0])
+    drawn = sample(model, prompts, 10, temperature=1.0, generator=seeded(3))  # rows of a prompt now differ
+    assert not torch.equal(drawn.completion_ids[0], drawn.completion_ids[2])
+    full = completion_logps(model, drawn.prompt_ids, drawn.prompt_mask, drawn.completion_ids,
+                            drawn.completion_mask)
+    assert (drawn.logps - full).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (2.0, None), (1.5, 4)])
+def test_rows_that_share_a_history_sample_as_if_alone(model, temperature, top_k):
+    # groups of rows with one prompt run as one "slot" until their tokens differ, then split (rollout.branch).
+    # Each row must still get exactly the sample it would get alone with its own noise: noise_rows gives a
+    # single row the noise of row i of the whole batch, and a single row never shares anything
+    prompts = [PROMPTS[1]] * 6 + [PROMPTS[2]] * 5 + [PROMPTS[1], [PAD, 12, 13]]  # mixed, two of them padded
+    free = sample(model, prompts, 12, temperature=temperature, top_k=top_k, generator=seeded(5))
+    eos = int(free.completion_ids[0, 2])  # some rows stop early, so finished and running rows share slots
+    out = sample(model, prompts, 12, temperature=temperature, top_k=top_k, eos_id=eos, generator=seeded(5))
+    assert len({tuple(r) for r in out.completion_ids[:6].tolist()}) > 2  # a group did split
+    assert out.completion_mask.sum(1).min() < out.completion_mask.size(1)  # and some rows did finish early
+    for i, p in enumerate(prompts):
+        alone = sample(model, [p], 12, temperature=temperature, top_k=top_k, eos_id=eos, generator=seeded(5),
+                       noise_rows=(i, len(prompts)))
+        n = int(alone.completion_mask.sum())
+        assert out.completion_mask[i].tolist() == [1] * n + [0] * (out.completion_mask.size(1) - n)
+        assert torch.equal(out.completion_ids[i, :n], alone.completion_ids[0, :n])
+        assert (out.logps[i, :n] - alone.logps[0, :n]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS * 3, [PROMPTS[1]] * 8 + PROMPTS])  # distinct rows; and groups
+def test_rows_that_finish_leave_the_batch_and_the_rest_sample_as_if_alone(model, prompts, monkeypatch):
+    import rollout
+    shrunk = []  # (slots before, slots after) of each drop
+
+    def watched(cache, attn_mask, state, done):
+        before = cache.rows
+        out = drop_finished(cache, attn_mask, state, done)
+        shrunk.append((before, cache.rows))
+        return out
+
+    drop_finished = rollout.drop_finished
+    monkeypatch.setattr(rollout, "drop_finished", watched)
+    free = sample(model, prompts, 16, temperature=1.0, generator=seeded(7))
+    eos = int(torch.mode(free.completion_ids[:, :4].flatten()).values)  # a common early token: rows stop soon
+    out = sample(model, prompts, 16, temperature=1.0, eos_id=eos, generator=seeded(7))
+    assert any(after < before for before, after in shrunk)  # finished rows did leave the batch
+    for i, p in enumerate(prompts):
+        alone = sample(model, [p], 16, temperature=1.0, eos_id=eos, generator=seeded(7),
+                       noise_rows=(i, len(prompts)))
+        n = int(alone.completion_mask.sum())
+        assert out.completion_mask[i].tolist() == [1] * n + [0] * (out.completion_mask.size(1) - n)
+        assert torch.equal(out.completion_ids[i, :n], alone.completion_ids[0, :n])
+        assert (out.logps[i, :n] - alone.logps[0, :n]).abs().max() <= 1e-5
+
+
 def test_left_padding_layout(model):
     out = sample(model, PROMPTS, 3, temperature=0)
     assert out.prompt_ids.shape == out.prompt_mask.shape == (4, 7)
