@@ -179,6 +179,13 @@ class KVCache:
         values.narrow(2, self.pos, T).copy_(v)
         return keys.narrow(2, 0, self.pos + T), values.narrow(2, 0, self.pos + T)
 
+    def copy_rows(self, src, start):
+        """Rows start .. start + len(src) - 1 become copies of rows src (the positions stored so far): the
+        sampler's new slots and its compaction. The right side is gathered first, so the two may overlap."""
+        n, pos = len(src), self.pos
+        self.k[:, start:start + n, :, :pos] = self.k[:, src, :, :pos]  # (L, n, nkv, pos, hs)
+        self.v[:, start:start + n, :, :pos] = self.v[:, src, :, :pos]
+
 
 # -----------------------------------------------------------------------------
 # the model

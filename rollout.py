@@ -204,9 +204,8 @@ def branch(cache, attn_mask, state, next_id, V):
     slot = parent.clone()  # (U',) where each child lives
     slot[~first] = torch.arange(U, len(children), device=parent.device)  # the others: the next free slots
     if len(children) > U:
-        src, pos = parent[~first], cache.pos
-        cache.k[:, U:len(children), :, :pos] = cache.k[:, src, :, :pos]  # (L, new, nkv, pos, hs)
-        cache.v[:, U:len(children), :, :pos] = cache.v[:, src, :, :pos]
+        src = parent[~first]  # (U' - U,)
+        cache.copy_rows(src, U)
         attn_mask[U:len(children)] = attn_mask[src]
     cache.rows = len(children)
     fed = torch.empty_like(token).index_copy_(0, slot, token)  # (U',) slot s is fed its child's token
@@ -226,9 +225,8 @@ def drop_finished(cache, attn_mask, state, done):
     if len(keep) > 3 * U // 4:
         return state  # too few gone to pay for the copy
     keep = keep if len(keep) else keep.new_zeros(1)  # other processes may still be writing: keep one slot
-    pos, n = cache.pos, len(keep)
-    cache.k[:, :n, :, :pos] = cache.k[:, keep, :, :pos]  # the right side is a gathered copy, so no overlap
-    cache.v[:, :n, :, :pos] = cache.v[:, keep, :, :pos]
+    n = len(keep)
+    cache.copy_rows(keep, 0)
     attn_mask[:n] = attn_mask[keep]
     cache.rows = n
     moved = torch.zeros(U, dtype=torch.long, device=done.device)
