@@ -477,7 +477,6 @@ def bench_eval(args):
     pass@1 per split, to show both measured the same thing (sampled figures are draws, so they differ a little;
     greedy ones agree unless a near-tie rounds the other way)."""
     import json
-    import re
     import subprocess
     if args.eval_dir is None:
         sys.exit("bench.py --what eval needs --eval-dir OUT, a folder with pretrain, sft and grpo in it")
@@ -497,16 +496,16 @@ def bench_eval(args):
                        "--ckpt", folders[1], "--ckpt", folders[2], "--base", folders[0],
                        "--out-dir", os.path.join(tmp, "out"), "--eval-out", out, "--threads", str(args.threads)]
                 t0 = time.perf_counter()
-                log = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+                subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True)
                 wall = time.perf_counter() - t0
-                per = dict(re.findall(r"^\[eval\] (\S+): (\d+)s$", log, re.M))
                 with open(out) as f:
-                    runs[name].append((wall, per, json.load(f)))
+                    res = json.load(f)  # its "seconds" are the stage's own time of each checkpoint
+                runs[name].append((wall, {c["name"]: c["seconds"] for c in res["checkpoints"]}, res))
     print(f"the eval stage on {', '.join(folders[1:])} against {folders[0]}: whole process, {args.threads} "
           f"threads, median of {args.eval_reps}")
     for name, root in checkouts.items():
         wall = statistics.median(w for w, _, _ in runs[name])
-        per = ", ".join(f"{c} {statistics.median(int(p[c]) for _, p, _ in runs[name])} s"
+        per = ", ".join(f"{c} {statistics.median(p[c] for _, p, _ in runs[name]):.1f} s"
                         for c in runs[name][0][1])  # the stage's own seconds of each checkpoint
         print(f"  {name:9s} {wall:6.1f} s  ({per}; {root})")
         res = runs[name][0][2]
