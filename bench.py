@@ -211,6 +211,14 @@ def grpo_step_report(pargs, ctx, reps):
     for key, v in phases.items():
         print(f"  {key:10s} {statistics.median(v):7.3f} s  ({100 * statistics.median(v) / total:4.1f}%)")
     print(f"  {'total':10s} {total:7.3f} s")
+    # the update's floor: its matrix products (6 FLOPs per weight per token, attention left out) over every
+    # cell of the padded rows, each pass; divide by a GEMM peak (--what gemm) for the least time they can take
+    cells = roll["prompt_ids"].numel() + roll["completion_ids"].numel()
+    real = int(roll["prompt_mask"].sum() + roll["completion_mask"].sum())
+    per_token = train_flops_per_token(policy.config, 0)
+    print(f"  update's matrix products: {pargs.ppo_epochs} passes x {cells} cells ({real} real tokens) = "
+          f"{pargs.ppo_epochs * per_token * cells / 1e9:.1f} GFLOP ({pargs.ppo_epochs * per_token * real / 1e9:.1f} "
+          f"over real tokens)")
     return roll, total
 
 
